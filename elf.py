@@ -82,7 +82,7 @@ class TokenEmbedding(nn.Module):
         x = self.table[tokens]
         if self.kind == "learned":
             # Unit-RMS rows: the loss could otherwise shrink all embeddings to zero (collapse).
-            x = F.rms_norm(x, (x.size(-1),), eps=1e-6)
+            x = F.normalize(x, dim=-1) * math.sqrt(x.size(-1))
         return x / self.latent_std
 
 

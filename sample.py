@@ -111,7 +111,7 @@ def main(argv=None):
         decode_fn = lambda *a: decode_c(*a).clone()  # noqa: E731
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    batch = min(args.batch_size, args.num_samples)
+    batch = args.batch_size if args.bench else min(args.batch_size, args.num_samples)
     run = lambda n: generate(model, n, length, args.steps, args.sampler, args.gamma, args.scale,  # noqa: E731
                              args.schedule, gen, denoise_fn, decode_fn)
     sync = torch.cuda.synchronize if use_gpu else (lambda: None)

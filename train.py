@@ -39,14 +39,14 @@ class TrainConfig:
     lr: float = 2e-3
     lr_schedule: str = "constant"     # 'constant' (the paper's) or 'cosine' (decays to min_lr)
     min_lr: float = 2e-4
-    warmup_iters: int = 100
-    max_iters: int = 1500
+    warmup_iters: int = 50
+    max_iters: int = 600
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995          # the paper uses 0.9999 on runs of ~95K steps
     # logging, evaluation, checkpoints
     log_interval: int = 25
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_iters: int = 10
     sample_steps: int = 32            # sampling steps for the samples shown at each evaluation
     num_eval_samples: int = 2
@@ -87,7 +87,7 @@ def parse_value(text, default, key):
     try:
         return type(default)(text)
     except ValueError:
-        raise ConfigError(f"--{key} expects a {type(default).__name__}, got {text!r}") from None
+        raise ConfigError(f"--{key} expects {type(default).__name__}, got {text!r}") from None
 
 
 def parse_args(argv):
