@@ -51,11 +51,14 @@ class ELFConfig:
 
 
 # Named sizes (§3). 'elf-cpu' is this project's own: small enough to train on a laptop CPU in minutes.
+# Its embeddings have d = 64 instead of 512; how well a noisy embedding identifies its token grows with
+# d * SNR, so both noise scales shrink by sqrt(64/512) to keep the paper's signal-to-noise per token.
 MODEL_SIZES = {
     "elf-b": dict(n_layer=12, n_embd=768, n_head=12),
     "elf-m": dict(n_layer=24, n_embd=1056, n_head=16),
     "elf-l": dict(n_layer=32, n_embd=1280, n_head=16),
-    "elf-cpu": dict(n_layer=4, n_embd=256, n_head=4, embed_dim=64, bottleneck_dim=64, block_size=64),
+    "elf-cpu": dict(n_layer=4, n_embd=256, n_head=4, embed_dim=64, bottleneck_dim=64, block_size=64,
+                    noise_scale=0.7, decoder_noise_scale=1.8),
 }
 
 
@@ -295,6 +298,14 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     return Draws(n_self_cond, n_decode, t.to(device, non_blocking=True), w.to(device, non_blocking=True), eps, lam)
 
 
+def micro_batch_generators(seed, it, index, device):
+    """Host and device generators for micro-batch `index` of step `it`. Data windows and noise depend on
+    (seed, it, index) alone, so a resumed run draws exactly what an uninterrupted one would, and any
+    split of a step's micro-batches over processes draws what one process would."""
+    s = (seed * 1_000_003 + it) * 4099 + index
+    return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
+
+
 def guided_target(v, v_cond, v_uncond, w):
     """Training-time self-conditioning guidance (§4): v + (1 - 1/w)(v_cond - v_uncond), no gradient."""
     return v + (1 - 1 / w)[:, None, None] * (v_cond - v_uncond)
@@ -380,6 +391,23 @@ def argmax_tokens(logits, n_vocab=None):
     if n_vocab is not None:
         logits = logits[..., :n_vocab]
     return logits.argmax(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost model, for the MFU that train.py logs.
+
+def flops_per_token(mc):
+    """FLOPs per trained token for the work a step really does: one forward+backward of the trunk
+    (3x the forward), a no-grad forward on the self-conditioned share of the rows, and the decode
+    head (hidden -> d -> vocab) forward+backward on the decode share only."""
+    C, L, d = mc.n_embd, mc.block_size, mc.embed_dim
+    T = L + mc.n_mode_tokens + mc.n_time_tokens + mc.n_scale_tokens
+    inner = int(2 / 3 * 4 * C)
+    per_layer = 2 * (C * 3 * C + C * C + 3 * C * inner) * T / L + 4 * T * C * T / L  # matmuls + attention
+    trunk = mc.n_layer * per_layer + 2 * (2 * d * d + d * mc.bottleneck_dim + mc.bottleneck_dim * C + C * d)
+    head = 2 * (C * d + d * mc.vocab_size)
+    share_sc = (1 - mc.decoder_prob) * mc.self_cond_prob
+    return 3 * trunk + share_sc * trunk + mc.decoder_prob * 3 * head
 
 
 # ----------------------------------------------------------------------------------------------

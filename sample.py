@@ -55,6 +55,13 @@ def decode_texts(tokens):
     return texts
 
 
+def show(model, num_samples, steps, seed):
+    """Print a few samples of the model's full length, for train.py's evaluations."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for text in decode_texts(generate(model, num_samples, model.cfg.block_size, steps, generator=gen)):
+        print("  | " + text.replace("\n", "\n  | "))
+
+
 def load_model(ckpt_path, weights, device):
     """ELF model from a train.py checkpoint, or a clear error saying what is wrong."""
     if not os.path.exists(ckpt_path):

@@ -8,20 +8,23 @@ Train ELF on tokenized shards (made by prepare_data.py).
     python train.py --bench --model=elf-b             # random tokens, prints tokens/s and MFU as JSON
 """
 import copy
-import dataclasses
 import difflib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from elf import ELF, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss
+import sample
+from elf import (ELF, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
+                 flops_per_token, micro_batch_generators)
 
 
 @dataclass
@@ -52,12 +55,10 @@ class TrainConfig:
     num_eval_samples: int = 2
     seed: int = 1337
     resume: bool = False
-    # system
     device: str = "auto"              # 'auto' picks cuda, then mps, then cpu
     dtype: str = "auto"               # 'auto' is bf16 autocast on CUDA, fp32 elsewhere
     compile: str = "auto"             # 'auto' compiles on CUDA only
-    # benchmark mode: random tokens, warm-up then timed steps, one JSON line, no checkpoints
-    bench: bool = False
+    bench: bool = False               # random tokens, warm-up then timed steps, one JSON line, no checkpoints
     bench_warmup: int = 5
     bench_steps: int = 20
 
@@ -92,18 +93,16 @@ def parse_value(text, default, key):
 
 def parse_args(argv):
     """--key=value (or --flag) overrides for TrainConfig and ELFConfig, after --preset and --model."""
-    pairs = []
+    overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
-        key, _, value = arg[2:].partition("=")
-        pairs.append((key, value))
-    overrides = dict(pairs)
+        key, _, overrides[key] = arg[2:].partition("=")
     preset = overrides.pop("preset", "cpu")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    train_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    model_fields = {f.name: f.default for f in dataclasses.fields(ELFConfig)}
+    train_fields = {f.name: f.default for f in fields(TrainConfig)}
+    model_fields = {f.name: f.default for f in fields(ELFConfig)}
     settings = dict(PRESETS[preset])
     for key, value in overrides.items():
         if key not in train_fields and key not in model_fields:
@@ -114,8 +113,7 @@ def parse_args(argv):
     tc = TrainConfig(**{k: v for k, v in settings.items() if k in train_fields})
     if tc.model not in MODEL_SIZES:
         raise ConfigError(f"unknown model {tc.model!r}: choose from {', '.join(MODEL_SIZES)}")
-    model_settings = {**MODEL_SIZES[tc.model], **{k: v for k, v in settings.items() if k in model_fields}}
-    mc = ELFConfig(**model_settings)
+    mc = ELFConfig(**{**MODEL_SIZES[tc.model], **{k: v for k, v in settings.items() if k in model_fields}})
     if tc.batch_size % tc.grad_accum:
         raise ConfigError(f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}")
     return tc, mc
@@ -124,54 +122,46 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------------------------
 # Data: random windows of block_size tokens from the memmapped uint16 shards.
 
-def open_shard(tc, split):
+def open_shard(tc, mc, split):
+    """Path of a shard after the checks that would otherwise fail deep inside training."""
     path = os.path.join(tc.data_dir, tc.dataset, f"{split}.bin")
     if not os.path.exists(path):
-        raise ConfigError(f"missing data file {path}: run `python prepare_data.py` first "
-                          f"(or pass --dataset/--data_dir)")
+        raise ConfigError(f"missing data file {path}: run `python prepare_data.py` first (or pass --dataset/--data_dir)")
+    meta_path, size = os.path.join(tc.data_dir, tc.dataset, "meta.json"), os.path.getsize(path)
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    if meta.get("dtype", "uint16") != "uint16" or size % 2:
+        raise ConfigError(f"{path} is not a uint16 token shard; re-run prepare_data.py")
+    if meta.get("vocab_size", 0) > mc.vocab_size:
+        raise ConfigError(f"{meta_path} says vocab_size {meta['vocab_size']}, more than the model's {mc.vocab_size}")
+    if size // 2 <= mc.block_size:
+        raise ConfigError(f"{path} has {size // 2} tokens, not more than block_size {mc.block_size}; lower --block_size")
     return path
 
 
-def get_batch(path, batch, block_size, generator):
+def get_batch(path, batch, block_size, generator, vocab_size):
     # A fresh memmap per batch keeps memory flat over long runs (numpy's memmap caches pages otherwise).
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(data) <= block_size:
-        raise ConfigError(f"{path} has {len(data)} tokens, fewer than block_size+1; lower --block_size")
     starts = torch.randint(len(data) - block_size, (batch,), generator=generator).tolist()
-    return torch.from_numpy(np.stack([data[s:s + block_size].astype(np.int64) for s in starts]))
+    tokens = np.stack([data[s:s + block_size] for s in starts])
+    if tokens.max() >= vocab_size:
+        raise ConfigError(f"{path} holds token id {tokens.max()} >= vocab_size {vocab_size}: a corrupt shard or "
+                          f"another tokenizer's")
+    return torch.from_numpy(tokens.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
-# Throughput: FLOPs per trained token and model FLOPs utilisation (MFU).
+# Throughput, checkpoints, schedule, devices.
 
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense, per GPU
 
 
-def flops_per_token(mc):
-    """FLOPs per trained token for the work a step really does: one forward+backward of the trunk
-    (3x the forward), a no-grad forward on the self-conditioned share of the rows, and the decode
-    head (hidden -> d -> vocab) forward+backward on the decode share only."""
-    C, L, d = mc.n_embd, mc.block_size, mc.embed_dim
-    T = L + mc.n_mode_tokens + mc.n_time_tokens + mc.n_scale_tokens
-    inner = int(2 / 3 * 4 * C)
-    per_layer = 2 * (C * 3 * C + C * C + 3 * C * inner) * T / L + 4 * T * C * T / L  # matmuls + attention
-    trunk = mc.n_layer * per_layer + 2 * (2 * d * d + d * mc.bottleneck_dim + mc.bottleneck_dim * C + C * d)
-    head = 2 * (C * d + d * mc.vocab_size)
-    share_sc = (1 - mc.decoder_prob) * mc.self_cond_prob
-    return 3 * trunk + share_sc * trunk + mc.decoder_prob * 3 * head
-
-
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary file and renamed, so a crash never leaves a half-written one.
-
 def save_checkpoint(path, state):
+    # Temporary file + rename: a crash or Ctrl-C mid-write leaves the previous checkpoint intact.
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -186,15 +176,6 @@ def load_checkpoint(path):
         raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt")
 
 
-def check_compatible(saved, requested):
-    diff = [k for k in requested if saved.get(k) != requested[k]]
-    if diff:
-        raise ConfigError("checkpoint model config differs in " + ", ".join(
-            f"{k} (checkpoint {saved.get(k)!r}, requested {requested[k]!r})" for k in diff))
-
-
-# ----------------------------------------------------------------------------------------------
-
 def lr_at(it, tc):
     if it < tc.warmup_iters:
         return tc.lr * (it + 1) / tc.warmup_iters
@@ -204,20 +185,29 @@ def lr_at(it, tc):
     return tc.lr
 
 
-def pick_device(tc):
-    if tc.device != "auto":
-        return torch.device(tc.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+def init_distributed(tc):
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return 0, 1, torch.device(auto if tc.device == "auto" else tc.device)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 class Trainer:
-    """Holds the model, its EMA, the optimizers and the random generators; `step` is one optimizer step."""
+    """The model, its EMA and the optimizers; `step` is one optimizer step over this process's share
+    of the step's grad_accum micro-batches."""
 
-    def __init__(self, tc, mc, device):
-        self.tc, self.mc, self.device = tc, mc, device
-        torch.manual_seed(tc.seed)
+    def __init__(self, tc, mc, device, rank=0, world=1):
+        if tc.grad_accum % world:
+            raise ConfigError(f"grad_accum {tc.grad_accum} must be a multiple of the {world} processes")
+        self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
+        self.accum = tc.grad_accum // world                     # micro-batches per process
+        self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
+        torch.manual_seed(tc.seed)                              # the same initial weights on every rank
         self.model = ELF(mc).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizers = configure_optimizers(self.model, tc.optimizer, tc.lr, tc.weight_decay)
@@ -225,119 +215,116 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
-        # Separate streams of randomness: data windows, per-step draws (host), noise (device).
-        self.data_gen = torch.Generator().manual_seed(tc.seed)
-        self.draw_gen = torch.Generator().manual_seed(tc.seed + 1)
-        self.noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 2)
+        self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
+        # Gradients are zeroed, never freed: a batch without decode rows gives the decode head a zero
+        # gradient (not a skipped update), the same on one process as on several.
+        for p in self.params:
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
         self.iter = 0
-        self.ema_params = list(self.ema.parameters())
-        self.params = list(self.model.parameters())
+        self.first_bad_iter = torch.tensor(-1, device=device)   # first step with a non-finite loss or gradient
 
-    def step(self, batches):
-        """One optimizer step over a list of micro-batches; returns device tensors (no host sync)."""
+    def step(self, get_tokens):
+        """get_tokens(generator) -> a (micro, block_size) batch. Returns the step's mean (loss, mse, ce)
+        and gradient norm as device tensors: nothing here waits for the GPU."""
         tc = self.tc
-        lr = lr_at(self.iter, tc)
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
-        for tokens in batches:
-            tokens = tokens.to(self.device, non_blocking=True)
-            draws = draw_training_noise(self.mc, *tokens.shape, self.draw_gen, self.noise_gen, self.device)
+        for k in range(self.accum):
+            host_gen, device_gen = micro_batch_generators(tc.seed, self.iter, self.rank * self.accum + k, self.device)
+            tokens = get_tokens(host_gen).to(self.device, non_blocking=True)
+            draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
             with self.autocast:
                 loss, mse, ce = elf_loss(self.forward_model, tokens, draws)
-            (loss / len(batches)).backward()
-            totals += torch.stack([loss.detach(), mse.detach(), ce.detach()]) / len(batches)
+            (loss / tc.grad_accum).backward()                   # mean over all micro-batches of all ranks
+            totals += torch.stack([loss.detach(), mse.detach(), ce.detach()]) / tc.grad_accum
+        if self.world > 1:
+            # Gradients are summed across processes once per step, after the last micro-batch.
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(totals[0])
+        self.first_bad_iter = torch.where(bad & (self.first_bad_iter < 0), self.iter, self.first_bad_iter)
         for opt in self.optimizers:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
         # EMA with a warm-up (short runs would otherwise average in the random initialisation).
         decay = min(tc.ema_decay, (1 + self.iter) / (10 + self.iter))
         torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         self.iter += 1
         return totals, grad_norm
 
+    def check_finite(self):
+        """Stop, keeping the last good checkpoint, if any step so far had a non-finite loss or gradient."""
+        bad = int(self.first_bad_iter)
+        if bad >= 0:
+            raise ConfigError(f"non-finite loss or gradient at iteration {bad}; stopped without saving, the last "
+                              f"good checkpoint is kept (try a lower --lr)")
+
     @torch.no_grad()
     def evaluate(self, path):
         """The training objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        data_gen = torch.Generator().manual_seed(0)
-        draw_gen = torch.Generator().manual_seed(1)
-        noise_gen = torch.Generator(device=self.device).manual_seed(2)
-        micro = self.tc.batch_size // self.tc.grad_accum
         total = 0.0
-        for _ in range(self.tc.eval_iters):
-            tokens = get_batch(path, micro, self.mc.block_size, data_gen).to(self.device)
-            draws = draw_training_noise(self.mc, *tokens.shape, draw_gen, noise_gen, self.device)
+        for i in range(self.tc.eval_iters):
+            host_gen, device_gen = micro_batch_generators(0, 0, i, self.device)
+            tokens = get_batch(path, self.micro, self.mc.block_size, host_gen, self.mc.vocab_size).to(self.device)
+            draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
             with self.autocast:
                 total += elf_loss(self.ema, tokens, draws)[0].item()
         return total / self.tc.eval_iters
 
     def state_dict(self):
+        # No generator states: the randomness of every step follows from (seed, iteration).
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "train_config": asdict(self.tc), "model_config": asdict(self.mc), "iter": self.iter,
-                "rng": {"data": self.data_gen.get_state(), "draw": self.draw_gen.get_state(),
-                        "noise": self.noise_gen.get_state()}}
+                "train_config": asdict(self.tc), "model_config": asdict(self.mc), "iter": self.iter}
 
     def load_state_dict(self, ckpt):
-        check_compatible(ckpt["model_config"], asdict(self.mc))
+        saved, wanted = ckpt["model_config"], asdict(self.mc)
+        if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
+            raise ConfigError("checkpoint model config differs in " + ", ".join(
+                f"{k} (checkpoint {saved.get(k)!r}, requested {wanted[k]!r})" for k in diff))
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         for opt, state in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         self.iter = ckpt["iter"]
-        self.data_gen.set_state(ckpt["rng"]["data"])
-        self.draw_gen.set_state(ckpt["rng"]["draw"])
-        self.noise_gen.set_state(ckpt["rng"]["noise"])
-
-
-def show_samples(trainer, tc):
-    """A couple of short samples from the EMA model, decoded to text (sample.py has the sampler loop)."""
-    import sample
-    gen = torch.Generator(device=trainer.device).manual_seed(tc.seed)
-    with trainer.autocast:
-        tokens = sample.generate(trainer.ema, tc.num_eval_samples, trainer.mc.block_size, steps=tc.sample_steps,
-                                 generator=gen)
-    for text in sample.decode_texts(tokens):
-        print("  | " + text.replace("\n", "\n  | "))
 
 
 def bench(trainer, tc, mc, device):
     """Random tokens at the configured shape: warm-up steps, then timed steps; one JSON line."""
-    micro = tc.batch_size // tc.grad_accum
-    make = lambda: [torch.randint(0, 50257, (micro, mc.block_size)) for _ in range(tc.grad_accum)]  # noqa: E731
-    for _ in range(tc.bench_warmup):
-        trainer.step(make())
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    batches = [make() for _ in range(tc.bench_steps)]
-    t0 = time.perf_counter()
-    for b in batches:
-        trainer.step(b)
-    sync()
+    random_tokens = lambda g: torch.randint(0, 50257, (trainer.micro, mc.block_size), generator=g)  # noqa: E731
+    gpu, peak = device.type == "cuda", peak_flops(device)
+    for i in range(tc.bench_warmup + tc.bench_steps):
+        if i == tc.bench_warmup:                                # warm-up done (compilation included)
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        trainer.step(random_tokens)
+    if gpu:
+        torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / tc.bench_steps
     tokens_per_s = tc.batch_size * mc.block_size / step_s
-    peak = peak_flops(device)
-    print(json.dumps({"bench": "train", "model": tc.model, "device": str(device),
-                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                      "batch": tc.batch_size, "block_size": mc.block_size, "step_s": round(step_s, 4),
-                      "tokens_per_s": round(tokens_per_s),
+    print(json.dumps({"bench": "train", "model": tc.model, "device": str(device), "batch": tc.batch_size,
+                      "gpu": torch.cuda.get_device_name(device) if gpu else None, "block_size": mc.block_size,
+                      "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s),
                       "mfu": round(tokens_per_s * flops_per_token(mc) / peak, 4) if peak else None,
-                      "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None}))
+                      "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None}))
 
 
 def main(argv=None):
     tc, mc = parse_args(sys.argv[1:] if argv is None else argv)
-    device = pick_device(tc)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    trainer = Trainer(tc, mc, device)
+    rank, world, device = init_distributed(tc)
+    master = rank == 0                                          # rank 0 alone logs, evaluates and saves
+    log = print if master else (lambda *a, **k: None)
+    trainer = Trainer(tc, mc, device, rank, world)
     if tc.bench:
         return bench(trainer, tc, mc, device)
-    train_path, val_path = open_shard(tc, "train"), open_shard(tc, "val")
+    train_path, val_path = open_shard(tc, mc, "train"), open_shard(tc, mc, "val")
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     try:
         os.makedirs(tc.out_dir, exist_ok=True)
@@ -346,32 +333,64 @@ def main(argv=None):
         raise ConfigError(f"out_dir {tc.out_dir!r} is not writable: pass --out_dir=somewhere/else") from None
     if tc.resume:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
-        print(f"resumed from {ckpt_path} at iteration {trainer.iter}")
-    micro = tc.batch_size // tc.grad_accum
-    print(f"model {tc.model}: {trainer.model.num_params() / 1e6:.2f}M parameters; device {device}; "
-          f"batch {tc.batch_size} = {micro} x {tc.grad_accum} accumulation x {mc.block_size} tokens")
+        log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
+    log(f"model {tc.model}: {trainer.model.num_params() / 1e6:.2f}M parameters on {device}; global batch {tc.batch_size}"
+        f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
+    # Ctrl-C / SIGTERM: finish the step, save, exit cleanly. With several processes they agree on the
+    # step to stop at through an all-reduce at log intervals (no extra host syncs in between).
+    stop = []
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     peak, fpt = peak_flops(device), flops_per_token(mc)
     t0, tokens_seen = time.perf_counter(), 0
-    while trainer.iter < tc.max_iters:
-        batches = [get_batch(train_path, micro, mc.block_size, trainer.data_gen) for _ in range(tc.grad_accum)]
-        totals, grad_norm = trainer.step(batches)
-        tokens_seen += tc.batch_size * mc.block_size
-        it = trainer.iter
-        if it % tc.log_interval == 0 or it == tc.max_iters:
-            loss, mse, ce = totals.tolist()  # the only host sync of the step, at log intervals
-            if not math.isfinite(loss):
-                raise ConfigError(f"non-finite loss at iteration {it}; the last good checkpoint is kept")
-            dt = time.perf_counter() - t0
-            tok_s = tokens_seen / dt
-            mfu = f" mfu {tok_s * fpt / peak:.1%}" if peak else ""
-            print(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad {grad_norm.item():.2f} "
-                  f"lr {lr_at(it - 1, tc):.2e} {tok_s:,.0f} tok/s{mfu}")
-            t0, tokens_seen = time.perf_counter(), 0
-        if it % tc.eval_interval == 0 or it == tc.max_iters:
-            print(f"iter {it}: val {trainer.evaluate(val_path):.4f}")
-            show_samples(trainer, tc)
-            save_checkpoint(ckpt_path, trainer.state_dict())
-            t0, tokens_seen = time.perf_counter(), 0
+    try:
+        while trainer.iter < tc.max_iters:
+            totals, grad_norm = trainer.step(lambda g: get_batch(train_path, trainer.micro, mc.block_size, g,
+                                                                 mc.vocab_size))
+            tokens_seen += tc.batch_size * mc.block_size
+            it = trainer.iter
+            logging, stopping = it % tc.log_interval == 0 or it == tc.max_iters, bool(stop) and world == 1
+            if world > 1 and logging:
+                flag = torch.tensor([float(bool(stop))], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if logging:
+                trainer.check_finite()
+                loss, mse, ce = totals.tolist()                 # the only host sync of a step, at log intervals
+                tok_s = tokens_seen / (time.perf_counter() - t0)
+                mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
+                log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad {grad_norm.item():.2f} "
+                    f"lr {lr_at(it - 1, tc):.2e} {tok_s:,.0f} tok/s{mfu}")
+                t0, tokens_seen = time.perf_counter(), 0
+            if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
+                trainer.check_finite()
+                if master:
+                    if not stopping:
+                        log(f"iter {it}: val {trainer.evaluate(val_path):.4f}")
+                        with trainer.autocast:                  # samples from the EMA weights
+                            sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
+                    save_checkpoint(ckpt_path, trainer.state_dict())
+                t0, tokens_seen = time.perf_counter(), 0
+            if stopping:
+                log(f"interrupted: checkpoint of iteration {it} written to {ckpt_path}; "
+                    f"continue with the same command plus --resume")
+                break
+        if world > 1:
+            check_in_sync(trainer, log)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def check_in_sync(trainer, log):
+    """Every rank must end with identical weights and EMA; compare checksums across processes."""
+    sums = torch.stack([sum(p.double().sum() for p in ps) for ps in (trainer.params, trainer.ema_params)])
+    gathered = [torch.zeros_like(sums) for _ in range(trainer.world)]
+    dist.all_gather(gathered, sums)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise ConfigError("ranks ended with different weights; please report this")
+    log(f"ranks in sync: {trainer.world} processes hold identical weights and EMA")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on a tiny model: memorisation, exact resume, benches, clean errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -140,3 +141,78 @@ def test_benches_print_one_json_line():
                  "--bench_batches=1", "--ckpt=none")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     assert stats["bench"] == "sample" and stats["sequences_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes, interruptions, bad data: training never silently goes wrong or loses work.
+
+@pytest.fixture
+def random_data_dir(tmp_path):
+    """Random tokens, so that every micro-batch sees different windows."""
+    folder = tmp_path / "rdata" / "rand"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 1000, 2000).astype(np.uint16).tofile(folder / f"{split}.bin")
+    return str(tmp_path / "rdata")
+
+
+def test_two_processes_match_one_with_the_same_global_batch(random_data_dir, tmp_path):
+    args = ["--dataset=rand", f"--data_dir={random_data_dir}", *TINY, "--batch_size=8", "--grad_accum=2",
+            "--max_iters=4", "--eval_interval=4", "--log_interval=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "= 4 x 1 accumulation x 2 processes" in ddp.stdout and "ranks in sync: 2 processes" in ddp.stdout
+    single = cli("train.py", *args, f"--out_dir={tmp_path / 'one'}")
+    assert "= 4 x 2 accumulation x 1 processes" in single.stdout
+    losses = lambda out: [float(l.split("loss ")[1].split()[0]) for l in out.splitlines() if " loss " in l]  # noqa: E731
+    assert losses(ddp.stdout) == pytest.approx(losses(single.stdout), rel=1e-4)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("ddp", "one"))
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][name], atol=1e-5), (name, (tensor - b["model"][name]).abs().max())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path):
+    args = ["train.py", "--dataset=rand", f"--data_dir={random_data_dir}", f"--out_dir={tmp_path}", *TINY,
+            "--max_iters=100000", "--log_interval=1", "--eval_interval=100000"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:                                          # wait until training runs
+        if line.startswith("iter 3:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out and "--resume" in out and "Traceback" not in err
+    iteration = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"]
+    assert iteration >= 3
+    resumed = cli(*args[:-2], f"--max_iters={iteration + 2}", "--eval_interval=1000", "--resume")
+    assert f"resumed from {tmp_path / 'ckpt.pt'} at iteration {iteration}" in resumed.stdout, resumed.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    run_train(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(train.ConfigError, match=r"non-finite loss or gradient at iteration \d+"):
+        run_train(data_dir, tmp_path, "--resume", "--max_iters=50", "--eval_interval=50", "--log_interval=5",
+                  "--lr=1e30", "--grad_clip=1e30")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_bad_shards_are_clear_errors(tmp_path):
+    folder = tmp_path / "d" / "bad"
+    folder.mkdir(parents=True)
+    base = ["--dataset=bad", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}", *TINY, "--max_iters=1"]
+    (folder / "train.bin").write_bytes(b"\x01" * 301)                 # odd size: not uint16
+    (folder / "val.bin").write_bytes(b"\x01" * 300)
+    with pytest.raises(train.ConfigError, match="not a uint16 token shard"):
+        train.main(base)
+    np.full(200, 60000, dtype=np.uint16).tofile(folder / "train.bin")  # ids beyond the vocabulary
+    with pytest.raises(train.ConfigError, match="token id 60000 >= vocab_size"):
+        train.main(base)
+    (folder / "meta.json").write_text(json.dumps({"dtype": "int32"}))
+    with pytest.raises(train.ConfigError, match="not a uint16 token shard"):
+        train.main(base)
