@@ -57,7 +57,7 @@ MODEL_SIZES = {
     "elf-b": dict(n_layer=12, n_embd=768, n_head=12),
     "elf-m": dict(n_layer=24, n_embd=1056, n_head=16),
     "elf-l": dict(n_layer=32, n_embd=1280, n_head=16),
-    "elf-cpu": dict(n_layer=4, n_embd=256, n_head=4, embed_dim=64, bottleneck_dim=64, block_size=64,
+    "elf-cpu": dict(n_layer=3, n_embd=192, n_head=3, embed_dim=64, bottleneck_dim=64, block_size=64,
                     noise_scale=0.7, decoder_noise_scale=1.8),
 }
 
@@ -295,7 +295,15 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     lam_n = torch.randn(batch, length, generator=device_generator, device=device)
     lam = torch.sigmoid(cfg.decoder_lambda_mean + cfg.decoder_lambda_std * lam_n)
     eps = torch.randn(batch, length, cfg.embed_dim, generator=device_generator, device=device)
-    return Draws(n_self_cond, n_decode, t.to(device, non_blocking=True), w.to(device, non_blocking=True), eps, lam)
+    return Draws(n_self_cond, n_decode, to_device(t, device), to_device(w, device), eps, lam)
+
+
+def to_device(tensor, device):
+    """Host -> device copy that does not wait for the GPU: from pinned memory a CUDA copy is async,
+    from ordinary (pageable) memory it first waits for all queued GPU work."""
+    if device is not None and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def micro_batch_generators(seed, it, index, device):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import sample
 from elf import (ELF, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
-                 flops_per_token, micro_batch_generators)
+                 flops_per_token, micro_batch_generators, to_device)
 
 
 @dataclass
@@ -43,13 +43,13 @@ class TrainConfig:
     lr_schedule: str = "constant"     # 'constant' (the paper's) or 'cosine' (decays to min_lr)
     min_lr: float = 2e-4
     warmup_iters: int = 50
-    max_iters: int = 600
+    max_iters: int = 1000
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995          # the paper uses 0.9999 on runs of ~95K steps
     # logging, evaluation, checkpoints
-    log_interval: int = 25
-    eval_interval: int = 200
+    log_interval: int = 50
+    eval_interval: int = 250
     eval_iters: int = 10
     sample_steps: int = 32            # sampling steps for the samples shown at each evaluation
     num_eval_samples: int = 2
@@ -233,7 +233,7 @@ class Trainer:
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
             host_gen, device_gen = micro_batch_generators(tc.seed, self.iter, self.rank * self.accum + k, self.device)
-            tokens = get_tokens(host_gen).to(self.device, non_blocking=True)
+            tokens = to_device(get_tokens(host_gen), self.device)
             draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
             with self.autocast:
                 loss, mse, ce = elf_loss(self.forward_model, tokens, draws)

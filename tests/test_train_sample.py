@@ -175,7 +175,8 @@ def test_two_processes_match_one_with_the_same_global_batch(random_data_dir, tmp
         assert torch.allclose(tensor, b["model"][name], atol=1e-5), (name, (tensor - b["model"][name]).abs().max())
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path, signum):
     args = ["train.py", "--dataset=rand", f"--data_dir={random_data_dir}", f"--out_dir={tmp_path}", *TINY,
             "--max_iters=100000", "--log_interval=1", "--eval_interval=100000"]
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -183,7 +184,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path):
     for line in proc.stdout:                                          # wait until training runs
         if line.startswith("iter 3:"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "interrupted" in out and "--resume" in out and "Traceback" not in err
