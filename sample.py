@@ -4,10 +4,14 @@ SDE (or ODE) sampler, then one decode-mode pass and an argmax per position (§5)
 
     python sample.py                                  # 4 samples from out/ckpt.pt (EMA weights)
     python sample.py --num_samples=8 --steps=64 --gamma=1.0 --scale=3.0 --sampler=sde
+    python sample.py --eval                           # + entropy and generative perplexity (GPT-2 Large)
+    python sample.py --eval --samples=out/samples.jsonl   # score texts made earlier
+    python sample.py --trajectory                     # pictures of the flow: trajectory*.png
     python sample.py --bench --model=elf-b            # random init, prints sequences/s as JSON
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,9 +25,9 @@ EOT, N_VOCAB = 50256, 50257  # GPT-2's end-of-text token and its real vocabulary
 
 @torch.no_grad()
 def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, scale=3.0,
-             schedule="logit_normal", generator=None, denoise_fn=None, decode_fn=None):
+             schedule="logit_normal", generator=None, denoise_fn=None, decode_fn=None, on_step=None):
     """Token ids (num_samples, length). denoise_fn/decode_fn default to the model's own methods;
-    sample.py passes compiled versions of them on the GPU."""
+    sample.py passes compiled versions of them on the GPU. on_step(t_next, z, x_hat) sees every step."""
     cfg = model.cfg
     device = next(model.parameters()).device
     denoise_fn = denoise_fn or model.denoise
@@ -40,19 +44,74 @@ def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, sca
         z, x_prev = sde_step(lambda z_, t_, xs: denoise_fn(z_, t_, w, xs), z, x_prev, grid[i], grid[i + 1],
                              g, noise, cfg)
         x_prev = x_prev.to(z.dtype)
+        if on_step:
+            on_step(grid[i + 1], z, x_prev)
     return argmax_tokens(decode_fn(z, w), N_VOCAB)  # the same network in decode mode, then argmax
+
+
+def cut_at_eot(row):
+    """A sample's tokens up to its first end-of-text token, which is kept (ELF.md §7 scores it once)."""
+    return row[:row.index(EOT) + 1] if EOT in row else row
 
 
 def decode_texts(tokens):
     """Token ids -> strings, each cut at its first end-of-text token."""
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
-    texts = []
-    for row in tokens.tolist():
-        if EOT in row:
-            row = row[:row.index(EOT)]
-        texts.append(enc.decode(row))
-    return texts
+    return [enc.decode([t for t in cut_at_eot(row) if t != EOT]) for row in tokens.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Judging samples (ELF.md §7): unigram entropy and generative perplexity, always reported together.
+
+def unigram_entropy(tokens):
+    """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
+    counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum()) if len(tokens) else 0.0
+
+
+@torch.no_grad()
+def pooled_nll(judge, samples, bos=EOT):
+    """(sum of the judge's token NLL over all samples, number of tokens scored). Each sample is scored
+    after a BOS token (GPT-2's is end-of-text), up to the judge's context length."""
+    device, n_ctx = next(judge.parameters()).device, judge.config.n_positions
+    total, count = 0.0, 0
+    for tokens in samples:
+        ids = torch.tensor([([bos] + list(tokens))[:n_ctx]], device=device)
+        logp = judge(ids).logits[0, :-1].float().log_softmax(-1)
+        total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += ids.size(1) - 1
+    return total, count
+
+
+def load_judge(name, device):
+    """A causal LM from `transformers`, or None with a one-line reason (it is an optional dependency)."""
+    try:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+    except ImportError:
+        print("no generative perplexity: the judge needs `pip install transformers`; entropy only")
+    except Exception as e:
+        print(f"no generative perplexity: cannot load judge {name!r} ({type(e).__name__}); entropy only")
+    return None
+
+
+def judge_samples(token_rows, args, seconds_per_sample, device):
+    """Print and append to the results file one JSON line: gen_ppl, entropy and the sampling settings."""
+    samples = [cut_at_eot(row) for row in token_rows]
+    entropy = sum(unigram_entropy([t for t in s if t != EOT]) for s in samples) / len(samples)
+    judge = load_judge(args.judge, device)
+    gen_ppl = None
+    if judge is not None:
+        total, count = pooled_nll(judge, samples)
+        gen_ppl = round(math.exp(total / max(count, 1)), 3)
+    summary = {"gen_ppl": gen_ppl, "entropy": round(entropy, 4), "n": len(samples), "judge": args.judge,
+               "steps": args.steps, "sampler": args.sampler, "gamma": args.gamma, "scale": args.scale,
+               "s_per_sample": seconds_per_sample, "source": args.samples or args.ckpt}
+    print(json.dumps(summary))
+    with open(args.results, "a") as f:
+        f.write(json.dumps(summary) + "\n")
 
 
 def show(model, num_samples, steps, seed):
@@ -95,10 +154,22 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="time an untrained (or --ckpt) model on random noise")
     p.add_argument("--model", default="elf-b", choices=list(MODEL_SIZES), help="size for --bench without a checkpoint")
     p.add_argument("--bench_batches", type=int, default=3)
+    p.add_argument("--eval", action="store_true", help="report entropy and generative perplexity")
+    p.add_argument("--samples", default=None, help="with --eval: judge the texts of this JSON-lines file")
+    p.add_argument("--judge", default="gpt2-large", help="causal LM (transformers) for generative perplexity")
+    p.add_argument("--results", default=None, help="JSON lines the --eval summary is appended to")
     args = p.parse_args(argv)
     if args.steps < 1 or args.num_samples < 1:
         sys.exit("error: --steps and --num_samples must be at least 1")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    args.results = args.results or os.path.join(os.path.dirname(args.samples or args.ckpt) or ".", "results.jsonl")
+    if args.samples:                                   # judge texts made earlier; no model needed
+        import tiktoken
+        if not os.path.exists(args.samples):
+            sys.exit(f"error: no samples file at {args.samples}")
+        enc = tiktoken.get_encoding("gpt2")
+        rows = [enc.encode_ordinary(json.loads(line)["text"]) for line in open(args.samples) if line.strip()]
+        return judge_samples(rows, args, None, device)
     if args.bench and not os.path.exists(args.ckpt):
         model = ELF(ELFConfig(**MODEL_SIZES[args.model])).to(device).eval()
     else:
@@ -148,6 +219,8 @@ def main(argv=None):
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
     print(f"{len(texts)} samples in {seconds:.1f} s ({seconds / len(texts):.3f} s per sample); written to {out}")
+    if args.eval:
+        judge_samples(torch.cat(tokens).tolist(), args, round(seconds / len(texts), 4), device)
 
 
 if __name__ == "__main__":

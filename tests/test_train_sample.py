@@ -35,17 +35,22 @@ def run_train(data_dir, out_dir, *extra):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
-def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_path, capsys):
+def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     run_train(data_dir, out, "--max_iters=200", "--eval_interval=200")
     log = capsys.readouterr().out
     losses = [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if " loss " in line]
     assert losses[-1] < 0.1 * losses[0]
     samples = str(tmp_path / "samples.jsonl")
-    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--num_samples=3", f"--out={samples}"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                         # no judge weights: entropy only
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--num_samples=3", f"--out={samples}", "--eval",
+                 "--judge=surely-not-a-model"])
     texts = [json.loads(line)["text"] for line in open(samples)]
     assert texts == [TEXT] * 3
     assert "s per sample" in capsys.readouterr().out
+    summary = json.loads(open(os.path.join(out, "results.jsonl")).read().splitlines()[-1])
+    assert summary["entropy"] == pytest.approx(sample.unigram_entropy(TEXT_IDS), abs=1e-4)
+    assert summary["n"] == 3 and summary["steps"] == 32 and summary["s_per_sample"] > 0
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
