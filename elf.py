@@ -50,6 +50,8 @@ class ELFConfig:
     guidance_max: float = 5.0
 
 
+EOT, N_VOCAB = 50256, 50257  # GPT-2 BPE's end-of-text token and vocabulary size (vocab_size pads it)
+
 # Named sizes (§3). 'elf-cpu' is this project's own: small enough to train on a laptop CPU in minutes.
 # Its embeddings have d = 64 instead of 512; how well a noisy embedding identifies its token grows with
 # d * SNR, so both noise scales shrink by sqrt(64/512) to keep the paper's signal-to-noise per token.
@@ -402,6 +404,35 @@ def argmax_tokens(logits, n_vocab=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation (§7): a diffusion LM has no simple perplexity; samples are judged by these two numbers.
+
+def cut_at_eot(row):
+    """A sample's tokens up to its first end-of-text token, which is kept (ELF.md §7 scores it once)."""
+    return row[:row.index(EOT) + 1] if EOT in row else row
+
+
+def unigram_entropy(tokens):
+    """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
+    counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum()) if len(tokens) else 0.0
+
+
+@torch.no_grad()
+def pooled_nll(judge, samples, bos=EOT):
+    """(sum of the judge's token NLL over all samples, number of tokens scored). Each sample is scored
+    after a BOS token (GPT-2's is end-of-text), up to the judge's context length."""
+    device, n_ctx = next(judge.parameters()).device, judge.config.n_positions
+    total, count = 0.0, 0
+    for tokens in samples:
+        ids = torch.tensor([([bos] + list(tokens))[:n_ctx]], device=device)
+        logp = judge(ids).logits[0, :-1].float().log_softmax(-1)
+        total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += ids.size(1) - 1
+    return total, count
+
+
+# ----------------------------------------------------------------------------------------------
 # Cost model, for the MFU that train.py logs.
 
 def flops_per_token(mc):
@@ -416,6 +447,15 @@ def flops_per_token(mc):
     head = 2 * (C * d + d * mc.vocab_size)
     share_sc = (1 - mc.decoder_prob) * mc.self_cond_prob
     return 3 * trunk + share_sc * trunk + mc.decoder_prob * 3 * head
+
+
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense, per GPU
+
+
+def peak_flops(device):
+    """bf16 dense peak FLOP/s of the GPU, looked up by name; None where unknown (no MFU then)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------------------------

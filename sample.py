@@ -18,9 +18,8 @@ import time
 
 import torch
 
-from elf import ELF, ELFConfig, MODEL_SIZES, argmax_tokens, sde_step, time_grid
-
-EOT, N_VOCAB = 50256, 50257  # GPT-2's end-of-text token and its real vocabulary size (before padding)
+from elf import (ELF, EOT, ELFConfig, MODEL_SIZES, N_VOCAB, argmax_tokens, cut_at_eot, pooled_nll, sde_step,
+                 time_grid, unigram_entropy)
 
 
 @torch.no_grad()
@@ -49,11 +48,6 @@ def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, sca
     return argmax_tokens(decode_fn(z, w), N_VOCAB)  # the same network in decode mode, then argmax
 
 
-def cut_at_eot(row):
-    """A sample's tokens up to its first end-of-text token, which is kept (ELF.md §7 scores it once)."""
-    return row[:row.index(EOT) + 1] if EOT in row else row
-
-
 def decode_texts(tokens):
     """Token ids -> strings, each cut at its first end-of-text token."""
     import tiktoken
@@ -62,28 +56,7 @@ def decode_texts(tokens):
 
 
 # ----------------------------------------------------------------------------------------------
-# Judging samples (ELF.md §7): unigram entropy and generative perplexity, always reported together.
-
-def unigram_entropy(tokens):
-    """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
-    counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
-    p = counts / counts.sum()
-    return float(-(p * p.log()).sum()) if len(tokens) else 0.0
-
-
-@torch.no_grad()
-def pooled_nll(judge, samples, bos=EOT):
-    """(sum of the judge's token NLL over all samples, number of tokens scored). Each sample is scored
-    after a BOS token (GPT-2's is end-of-text), up to the judge's context length."""
-    device, n_ctx = next(judge.parameters()).device, judge.config.n_positions
-    total, count = 0.0, 0
-    for tokens in samples:
-        ids = torch.tensor([([bos] + list(tokens))[:n_ctx]], device=device)
-        logp = judge(ids).logits[0, :-1].float().log_softmax(-1)
-        total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
-        count += ids.size(1) - 1
-    return total, count
-
+# Judging samples (ELF.md §7): entropy and generative perplexity (elf.py), always reported together.
 
 def load_judge(name, device):
     """A causal LM from `transformers`, or None with a one-line reason (it is an optional dependency)."""
@@ -119,6 +92,60 @@ def show(model, num_samples, steps, seed):
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for text in decode_texts(generate(model, num_samples, model.cfg.block_size, steps, generator=gen)):
         print("  | " + text.replace("\n", "\n  | "))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures (matplotlib, imported only when drawing).
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")                              # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(log_path, png_path):
+    """loss.png from train.py's log.jsonl: training loss, its MSE and CE parts, and the val objective."""
+    plt, rows = pyplot(), [json.loads(line) for line in open(log_path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "mse", "ce", "val"):
+        points = [(r["iter"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="o" if key == "val" else None)
+    ax.set(xlabel="iteration", yscale="log", title="ELF training")
+    ax.legend(), ax.grid(alpha=0.3)
+    fig.savefig(png_path + ".tmp.png", dpi=90, bbox_inches="tight")
+    os.replace(png_path + ".tmp.png", png_path)        # the old picture stays until the new one is whole
+    plt.close(fig)
+
+
+@torch.no_grad()
+def trajectory(model, length, args, gen, out_dir, n_rows=8, n_paths=6):
+    """What the flow does: x_hat decoded to text (decode mode at t = 1 on x_hat) at a few steps, and the
+    paths of a few positions' z_t in a 2-D PCA of embedding space, labelled with their final tokens."""
+    states, w = [], torch.full((1,), args.scale, device=gen.device)
+    tokens = generate(model, 1, length, args.steps, args.sampler, args.gamma, args.scale, args.schedule, gen,
+                      on_step=lambda t, z, x_hat: states.append((t, z[0].float().cpu(), x_hat)))
+    picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
+    rows = [(states[i][0], decode_texts(argmax_tokens(model.decode(states[i][2], w), N_VOCAB))[0]) for i in picks]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 0.6))
+    for y, (t, text) in enumerate(rows):
+        print(f"t = {t:.3f} | {text!r}")
+        ax.text(0, len(rows) - y, f"t = {t:.2f}   {text[:110]!r}", family="monospace", fontsize=8, va="center")
+    ax.set_axis_off(), ax.set(ylim=(0.3, len(rows) + 0.7), title="x_hat decoded along the flow: noise (top) to text")
+    fig.savefig(os.path.join(out_dir, "trajectory.png"), dpi=90, bbox_inches="tight")
+    paths = torch.stack([z[:n_paths] for _, z, _ in states])          # (steps, positions, d)
+    paths = paths - paths.flatten(0, 1).mean(0)
+    xy = paths @ torch.linalg.svd(paths.flatten(0, 1), full_matrices=False)[2][:2].T  # top-2 principal axes
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for p, label in enumerate(decode_texts(tokens[0, :n_paths, None])):
+        ax.plot(xy[:, p, 0], xy[:, p, 1], marker=".", alpha=0.7)
+        ax.annotate(repr(label), xy[-1, p].tolist(), fontsize=9)
+    ax.set(title=f"z_t of {xy.size(1)} positions, t -> 1 (2-D PCA)", xticks=[], yticks=[])
+    fig.savefig(os.path.join(out_dir, "trajectory_pca.png"), dpi=90, bbox_inches="tight")
+    plt.close("all")
+    print(f"wrote {out_dir}/trajectory.png and trajectory_pca.png")
 
 
 def load_model(ckpt_path, weights, device):
@@ -158,15 +185,16 @@ def main(argv=None):
     p.add_argument("--samples", default=None, help="with --eval: judge the texts of this JSON-lines file")
     p.add_argument("--judge", default="gpt2-large", help="causal LM (transformers) for generative perplexity")
     p.add_argument("--results", default=None, help="JSON lines the --eval summary is appended to")
+    p.add_argument("--trajectory", action="store_true", help="draw trajectory.png and trajectory_pca.png")
     args = p.parse_args(argv)
     if args.steps < 1 or args.num_samples < 1:
         sys.exit("error: --steps and --num_samples must be at least 1")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     args.results = args.results or os.path.join(os.path.dirname(args.samples or args.ckpt) or ".", "results.jsonl")
     if args.samples:                                   # judge texts made earlier; no model needed
-        import tiktoken
         if not os.path.exists(args.samples):
             sys.exit(f"error: no samples file at {args.samples}")
+        import tiktoken
         enc = tiktoken.get_encoding("gpt2")
         rows = [enc.encode_ordinary(json.loads(line)["text"]) for line in open(args.samples) if line.strip()]
         return judge_samples(rows, args, None, device)
@@ -174,8 +202,7 @@ def main(argv=None):
         model = ELF(ELFConfig(**MODEL_SIZES[args.model])).to(device).eval()
     else:
         model, _ = load_model(args.ckpt, args.weights, device)
-    cfg = model.cfg
-    length = args.length or cfg.block_size
+    cfg, length = model.cfg, args.length or model.cfg.block_size
     if not 1 <= length <= cfg.block_size:
         sys.exit(f"error: --length {length} is outside 1..{cfg.block_size} (the model's block_size)")
     use_gpu = device.type == "cuda"
@@ -192,21 +219,18 @@ def main(argv=None):
     batch = args.batch_size if args.bench else min(args.batch_size, args.num_samples)
     run = lambda n: generate(model, n, length, args.steps, args.sampler, args.gamma, args.scale,  # noqa: E731
                              args.schedule, gen, denoise_fn, decode_fn)
-    sync = torch.cuda.synchronize if use_gpu else (lambda: None)
     with autocast:
-        if args.bench:
-            run(batch)  # warm-up (compilation, CUDA graph capture)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.bench_batches):
-                run(batch)
-            sync()
+        if args.trajectory:
+            return trajectory(model, length, args, gen, os.path.dirname(args.ckpt) or ".")
+        if args.bench:                                 # one warm-up batch (compilation, CUDA graphs), then timed ones
+            for i in range(args.bench_batches + 1):
+                t0 = time.perf_counter() if i == 1 else t0
+                run(batch).cpu()                       # .cpu() waits for the GPU
             s = (time.perf_counter() - t0) / args.bench_batches
-            print(json.dumps({"bench": "sample", "device": str(device), "gpu": torch.cuda.get_device_name(device) if use_gpu else None,
-                              "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "batch": batch, "length": length,
-                              "steps": args.steps, "sampler": args.sampler, "scale": args.scale,
-                              "s_per_batch": round(s, 4), "sequences_per_s": round(batch / s, 2)}))
-            return
+            return print(json.dumps({"bench": "sample", "gpu": torch.cuda.get_device_name(device) if use_gpu else None,
+                                     "device": str(device), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "batch": batch,
+                                     "length": length, "steps": args.steps, "sampler": args.sampler, "scale": args.scale,
+                                     "s_per_batch": round(s, 4), "sequences_per_s": round(batch / s, 2)}))
         t0, tokens = time.perf_counter(), []
         for start in range(0, args.num_samples, batch):
             tokens.append(run(min(batch, args.num_samples - start)).cpu())
@@ -214,8 +238,7 @@ def main(argv=None):
     texts = decode_texts(torch.cat(tokens))
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "samples.jsonl")
     with open(out, "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
     print(f"{len(texts)} samples in {seconds:.1f} s ({seconds / len(texts):.3f} s per sample); written to {out}")

@@ -3,8 +3,7 @@ Train ELF on tokenized shards (made by prepare_data.py).
 
     python train.py                                   # CPU quick start on data/tinyshakespeare
     python train.py --preset=elf-b-owt                # the paper's ELF-B recipe (one GPU)
-    python train.py --max_iters=2000 --lr=1e-3        # any field of TrainConfig or ELFConfig
-    python train.py --resume                          # continue from out_dir/ckpt.pt
+    python train.py --max_iters=2000 --resume         # any field of TrainConfig or ELFConfig; continue a run
     python train.py --bench --model=elf-b             # random tokens, prints tokens/s and MFU as JSON
 """
 import copy
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 import sample
 from elf import (ELF, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
-                 flops_per_token, micro_batch_generators, to_device)
+                 flops_per_token, micro_batch_generators, peak_flops, to_device)
 
 
 @dataclass
@@ -150,15 +149,7 @@ def get_batch(path, batch, block_size, generator, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Throughput, checkpoints, schedule, devices.
-
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense, per GPU
-
-
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
+# Checkpoints, logs, schedule, devices.
 
 def save_checkpoint(path, state):
     # Temporary file + rename: a crash or Ctrl-C mid-write leaves the previous checkpoint intact.
@@ -336,8 +327,9 @@ def main(argv=None):
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
     log(f"model {tc.model}: {trainer.model.num_params() / 1e6:.2f}M parameters on {device}; global batch {tc.batch_size}"
         f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
-    # Ctrl-C / SIGTERM: finish the step, save, exit cleanly. With several processes they agree on the
-    # step to stop at through an all-reduce at log intervals (no extra host syncs in between).
+    # Ctrl-C / SIGTERM: finish the step, save, exit. Several processes agree on when, at log intervals.
+    # Every metric as one JSON line in out_dir/log.jsonl (drawn as loss.png); a new run starts a new log.
+    log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a" if tc.resume else "w") if master else None
     stop = []
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     peak, fpt = peak_flops(device), flops_per_token(mc)
@@ -360,12 +352,18 @@ def main(argv=None):
                 mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
                 log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad {grad_norm.item():.2f} "
                     f"lr {lr_at(it - 1, tc):.2e} {tok_s:,.0f} tok/s{mfu}")
+                if master:
+                    print(json.dumps(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr_at(it - 1, tc), tok_s=tok_s)),
+                          file=log_file, flush=True)
                 t0, tokens_seen = time.perf_counter(), 0
             if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
                 trainer.check_finite()
                 if master:
                     if not stopping:
-                        log(f"iter {it}: val {trainer.evaluate(val_path):.4f}")
+                        val = trainer.evaluate(val_path)
+                        log(f"iter {it}: val {val:.4f}")
+                        print(json.dumps(dict(iter=it, val=val)), file=log_file, flush=True)
+                        sample.plot_losses(log_file.name, os.path.join(tc.out_dir, "loss.png"))
                         with trainer.autocast:                  # samples from the EMA weights
                             sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
                     save_checkpoint(ckpt_path, trainer.state_dict())
@@ -377,6 +375,8 @@ def main(argv=None):
         if world > 1:
             check_in_sync(trainer, log)
     finally:
+        if log_file:
+            log_file.close()
         for s, h in previous.items():
             signal.signal(s, h)
         if world > 1:
@@ -384,11 +384,11 @@ def main(argv=None):
 
 
 def check_in_sync(trainer, log):
-    """Every rank must end with identical weights and EMA; compare checksums across processes."""
+    """Every rank must end with identical weights and EMA: the checksums' spread across ranks is zero."""
     sums = torch.stack([sum(p.double().sum() for p in ps) for ps in (trainer.params, trainer.ema_params)])
-    gathered = [torch.zeros_like(sums) for _ in range(trainer.world)]
-    dist.all_gather(gathered, sums)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN), dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
         raise ConfigError("ranks ended with different weights; please report this")
     log(f"ranks in sync: {trainer.world} processes hold identical weights and EMA")
 

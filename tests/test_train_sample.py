@@ -51,6 +51,14 @@ def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_pat
     summary = json.loads(open(os.path.join(out, "results.jsonl")).read().splitlines()[-1])
     assert summary["entropy"] == pytest.approx(sample.unigram_entropy(TEXT_IDS), abs=1e-4)
     assert summary["n"] == 3 and summary["steps"] == 32 and summary["s_per_sample"] > 0
+    # Pictures: train.py's loss curve, and the trajectory from noise to the memorised text.
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert any("val" in r for r in rows) and all({"loss", "mse", "ce"} <= r.keys() for r in rows if "val" not in r)
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--trajectory", "--steps=8"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("t = ")]
+    assert len(printed) == 8 and printed[-1] == f"t = 1.000 | {TEXT!r}"
+    for picture in ("loss.png", "trajectory.png", "trajectory_pca.png"):
+        assert os.path.getsize(os.path.join(out, picture)) > 5000, picture
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
