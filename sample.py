@@ -192,8 +192,8 @@ def main(argv=None):
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     args.results = args.results or os.path.join(os.path.dirname(args.samples or args.ckpt) or ".", "results.jsonl")
     if args.samples:                                   # judge texts made earlier; no model needed
-        if not os.path.exists(args.samples):
-            sys.exit(f"error: no samples file at {args.samples}")
+        if not os.path.exists(args.samples) or not open(args.samples).read().strip():
+            sys.exit(f"error: no samples in {args.samples}: pass a JSON-lines file of {{\"text\": ...}} rows")
         import tiktoken
         enc = tiktoken.get_encoding("gpt2")
         rows = [enc.encode_ordinary(json.loads(line)["text"]) for line in open(args.samples) if line.strip()]

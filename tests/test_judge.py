@@ -47,3 +47,10 @@ def test_eval_without_judge_weights_reports_entropy(tmp_path, monkeypatch, capsy
     assert "no generative perplexity" in out and "Traceback" not in out
     summary = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert summary["gen_ppl"] is None and summary["n"] == 2 and summary["entropy"] > 0
+
+
+def test_eval_of_a_missing_or_empty_samples_file_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    for path in (tmp_path / "missing.jsonl", tmp_path / "empty.jsonl"):
+        with pytest.raises(SystemExit, match="no samples in"):
+            sample.main(["--eval", f"--samples={path}"])
