@@ -27,10 +27,8 @@ def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, sca
              schedule="logit_normal", generator=None, denoise_fn=None, decode_fn=None, on_step=None):
     """Token ids (num_samples, length). denoise_fn/decode_fn default to the model's own methods;
     sample.py passes compiled versions of them on the GPU. on_step(t_next, z, x_hat) sees every step."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    denoise_fn = denoise_fn or model.denoise
-    decode_fn = decode_fn or model.decode
+    cfg, device = model.cfg, next(model.parameters()).device
+    denoise_fn, decode_fn = denoise_fn or model.denoise, decode_fn or model.decode
     w = torch.full((num_samples,), float(scale), device=device)
     grid = time_grid(steps, schedule, cfg, generator).tolist()  # floats on the host: no syncs in the loop
     randn = lambda: torch.randn(num_samples, length, cfg.embed_dim, generator=generator, device=device)  # noqa: E731
@@ -120,19 +118,20 @@ def plot_losses(log_path, png_path):
 
 
 @torch.no_grad()
-def trajectory(model, length, args, gen, out_dir, n_rows=8, n_paths=6):
-    """What the flow does: x_hat decoded to text (decode mode at t = 1 on x_hat) at a few steps, and the
-    paths of a few positions' z_t in a 2-D PCA of embedding space, labelled with their final tokens."""
-    states, w = [], torch.full((1,), args.scale, device=gen.device)
-    tokens = generate(model, 1, length, args.steps, args.sampler, args.gamma, args.scale, args.schedule, gen,
+def trajectory(model, length, args, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
+    """What the flow does: x_hat decoded to text (decode mode at t = 1 on x_hat) at a few steps of a few
+    samples, and the paths of some positions' z_t in a 2-D PCA of embedding space, labelled with their tokens."""
+    states, w = [], torch.full((n_samples,), args.scale, device=gen.device)
+    tokens = generate(model, n_samples, length, args.steps, args.sampler, args.gamma, args.scale, args.schedule, gen,
                       on_step=lambda t, z, x_hat: states.append((t, z[0].float().cpu(), x_hat)))
     picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
-    rows = [(states[i][0], decode_texts(argmax_tokens(model.decode(states[i][2], w), N_VOCAB))[0]) for i in picks]
+    texts = [decode_texts(argmax_tokens(model.decode(states[i][2], w), N_VOCAB)) for i in picks]  # [row][sample]
+    rows = [(k, states[i][0], texts[j][k]) for k in range(n_samples) for j, i in enumerate(picks)]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 0.6))
-    for y, (t, text) in enumerate(rows):
-        print(f"t = {t:.3f} | {text!r}")
-        ax.text(0, len(rows) - y, f"t = {t:.2f}   {text[:110]!r}", family="monospace", fontsize=8, va="center")
+    for y, (k, t, text) in enumerate(rows):
+        print(f"sample {k}, t = {t:.3f} | {text!r}")
+        ax.text(0, len(rows) - y, f"{k}: t = {t:.2f}   {text[:105]!r}", family="monospace", fontsize=8, va="center")
     ax.set_axis_off(), ax.set(ylim=(0.3, len(rows) + 0.7), title="x_hat decoded along the flow: noise (top) to text")
     fig.savefig(os.path.join(out_dir, "trajectory.png"), dpi=90, bbox_inches="tight")
     paths = torch.stack([z[:n_paths] for _, z, _ in states])          # (steps, positions, d)

@@ -55,8 +55,9 @@ def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_pat
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert any("val" in r for r in rows) and all({"loss", "mse", "ce"} <= r.keys() for r in rows if "val" not in r)
     sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--trajectory", "--steps=8"])
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("t = ")]
-    assert len(printed) == 8 and printed[-1] == f"t = 1.000 | {TEXT!r}"
+    printed = [line for line in capsys.readouterr().out.splitlines() if ", t = " in line]
+    assert len(printed) == 2 * 8 and printed[7] == f"sample 0, t = 1.000 | {TEXT!r}"
+    assert printed[-1] == f"sample 1, t = 1.000 | {TEXT!r}"
     for picture in ("loss.png", "trajectory.png", "trajectory_pca.png"):
         assert os.path.getsize(os.path.join(out, picture)) > 5000, picture
 
