@@ -223,8 +223,9 @@ def main(argv=None):
             return trajectory(model, length, args, gen, os.path.dirname(args.ckpt) or ".")
         if args.bench:                                 # one warm-up batch (compilation, CUDA graphs), then timed ones
             for i in range(args.bench_batches + 1):
+                if i == 1:                             # the clock starts after the warm-up batch
+                    t0 = time.perf_counter()
                 run(batch).cpu()                       # .cpu() waits for the GPU
-                t0 = time.perf_counter() if i == 0 else t0  # the clock starts after the warm-up batch
             s = (time.perf_counter() - t0) / args.bench_batches
             return print(json.dumps({"bench": "sample", "gpu": torch.cuda.get_device_name(device) if use_gpu else None,
                                      "device": str(device), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "batch": batch,
