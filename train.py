@@ -223,11 +223,8 @@ class Trainer:
                 group["lr"] = lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
-            host_gen, device_gen = micro_batch_generators(tc.seed, self.iter, self.rank * self.accum + k, self.device)
-            tokens = to_device(get_tokens(host_gen), self.device)
-            draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
-            with self.autocast:
-                loss, mse, ce = elf_loss(self.forward_model, tokens, draws)
+            loss, mse, ce = self.micro_batch_loss(self.forward_model, get_tokens, tc.seed, self.iter,
+                                                  self.rank * self.accum + k)
             (loss / tc.grad_accum).backward()                   # mean over all micro-batches of all ranks
             totals += torch.stack([loss.detach(), mse.detach(), ce.detach()]) / tc.grad_accum
         if self.world > 1:
@@ -255,17 +252,20 @@ class Trainer:
             raise ConfigError(f"non-finite loss or gradient at iteration {bad}; stopped without saving, the last "
                               f"good checkpoint is kept (try a lower --lr)")
 
+    def micro_batch_loss(self, model, get_tokens, seed, it, index):
+        """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
+        host_gen, device_gen = micro_batch_generators(seed, it, index, self.device)
+        tokens = to_device(get_tokens(host_gen), self.device)
+        draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
+        with self.autocast:
+            return elf_loss(model, tokens, draws)
+
     @torch.no_grad()
     def evaluate(self, path):
         """The training objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        total = 0.0
-        for i in range(self.tc.eval_iters):
-            host_gen, device_gen = micro_batch_generators(0, 0, i, self.device)
-            tokens = get_batch(path, self.micro, self.mc.block_size, host_gen, self.mc.vocab_size).to(self.device)
-            draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
-            with self.autocast:
-                total += elf_loss(self.ema, tokens, draws)[0].item()
-        return total / self.tc.eval_iters
+        val_tokens = lambda g: get_batch(path, self.micro, self.mc.block_size, g, self.mc.vocab_size)  # noqa: E731
+        losses = [self.micro_batch_loss(self.ema, val_tokens, 0, 0, i)[0] for i in range(self.tc.eval_iters)]
+        return torch.stack(losses).mean().item()               # one host sync for the whole evaluation
 
     def state_dict(self):
         # No generator states: the randomness of every step follows from (seed, iteration).
@@ -329,7 +329,7 @@ def main(argv=None):
         f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
     # Ctrl-C / SIGTERM: finish the step, save, exit. Several processes agree on when, at log intervals.
     # Every metric as one JSON line in out_dir/log.jsonl (drawn as loss.png); a new run starts a new log.
-    log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a" if tc.resume else "w") if master else None
+    log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a" if tc.resume else "w", buffering=1) if master else None
     stop = []
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     peak, fpt = peak_flops(device), flops_per_token(mc)
@@ -350,11 +350,11 @@ def main(argv=None):
                 loss, mse, ce = totals.tolist()                 # the only host sync of a step, at log intervals
                 tok_s = tokens_seen / (time.perf_counter() - t0)
                 mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
+                lr = lr_at(it - 1, tc)                          # the rate the step just taken used
                 log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad {grad_norm.item():.2f} "
-                    f"lr {lr_at(it - 1, tc):.2e} {tok_s:,.0f} tok/s{mfu}")
+                    f"lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
                 if master:
-                    print(json.dumps(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr_at(it - 1, tc), tok_s=tok_s)),
-                          file=log_file, flush=True)
+                    print(json.dumps(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s)), file=log_file)
                 t0, tokens_seen = time.perf_counter(), 0
             if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
                 trainer.check_finite()
@@ -362,7 +362,7 @@ def main(argv=None):
                     if not stopping:
                         val = trainer.evaluate(val_path)
                         log(f"iter {it}: val {val:.4f}")
-                        print(json.dumps(dict(iter=it, val=val)), file=log_file, flush=True)
+                        print(json.dumps(dict(iter=it, val=val)), file=log_file)
                         sample.plot_losses(log_file.name, os.path.join(tc.out_dir, "loss.png"))
                         with trainer.autocast:                  # samples from the EMA weights
                             sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
