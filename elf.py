@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 @dataclass
 class ELFConfig:
     # sizes (§3)
@@ -49,7 +48,6 @@ class ELFConfig:
     guidance_min: float = 0.5     # w range; (w + 1) is log-uniform on [1 + min, 1 + max]
     guidance_max: float = 5.0
 
-
 EOT, N_VOCAB = 50256, 50257  # GPT-2 BPE's end-of-text token and vocabulary size (vocab_size pads it)
 
 # Named sizes (§3). 'elf-cpu' is this project's own: small enough to train on a laptop CPU in minutes.
@@ -62,7 +60,6 @@ MODEL_SIZES = {
     "elf-cpu": dict(n_layer=3, n_embd=192, n_head=3, embed_dim=64, bottleneck_dim=64, block_size=64,
                     noise_scale=0.7, decoder_noise_scale=1.8),
 }
-
 
 # ----------------------------------------------------------------------------------------------
 # Embedding (§2): the "encoder" that turns tokens into the continuous x the flow works on.
@@ -90,7 +87,6 @@ class TokenEmbedding(nn.Module):
             x = F.normalize(x, dim=-1) * math.sqrt(x.size(-1))
         return x / self.latent_std
 
-
 # ----------------------------------------------------------------------------------------------
 # The network (§3): one transformer for both denoising and decoding.
 
@@ -101,7 +97,6 @@ def sinusoidal(values, dim=256, max_period=10000.0):
     angles = 1000.0 * values.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
-
 def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):
     """cos/sin for rotary positions; the prefix tokens get the identity (no position), text gets 0..L-1."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
@@ -109,12 +104,10 @@ def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):
     angles = torch.cat([torch.zeros(n_prefix, head_dim // 2, device=device), angles])
     return angles.cos(), angles.sin()
 
-
 def apply_rope(x, cos, sin):
     """Rotate pairs (first half, second half) of each head's channels; x is (B, H, T, head_dim)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -134,7 +127,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -147,7 +139,6 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return self.drop(self.down(F.silu(gate) * up))
 
-
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -157,7 +148,6 @@ class Block(nn.Module):
     def forward(self, h, cos, sin):
         h = h + self.attn(self.norm1(h), cos, sin)
         return h + self.mlp(self.norm2(h))
-
 
 class ELF(nn.Module):
     """The denoiser f(z_t, t, w, x_sc, mode). `forward` returns the final hidden states of the text
@@ -238,7 +228,6 @@ class ELF(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-
 # ----------------------------------------------------------------------------------------------
 # Training objective (§1, §4)
 
@@ -246,30 +235,25 @@ def time_denominator(t, t_eps):
     """max(1 - t, t_eps), shaped (B, 1, 1) to broadcast over positions and channels."""
     return (1 - t).clamp(min=t_eps)[:, None, None]
 
-
 def velocity(x, z, t, t_eps):
     """Rectified-flow velocity implied by a clean estimate: v = (x - z) / max(1 - t, t_eps)."""
     return (x - z) / time_denominator(t, t_eps)
-
 
 def noisy_state(x, t, eps, noise_scale):
     """z_t = t x + (1 - t) sigma eps: t = 0 is pure noise, t = 1 is data (§1)."""
     t = t[:, None, None]
     return t * x + (1 - t) * noise_scale * eps
 
-
 def corrupt_for_decode(x, lam, eps, decoder_noise_scale):
     """Decode-step corruption (§4): per token z = lam x + (1 - lam) s_dec eps, so decoding is not trivial."""
     lam = lam[..., None]
     return lam * x + (1 - lam) * decoder_noise_scale * eps
-
 
 def sample_guidance_scale(n, cfg, generator=None, device=None):
     """w with (w + 1) log-uniform on [1 + guidance_min, 1 + guidance_max] (§4)."""
     lo, hi = math.log(1 + cfg.guidance_min), math.log(1 + cfg.guidance_max)
     u = torch.rand(n, generator=generator, device=device)
     return torch.exp(lo + (hi - lo) * u) - 1
-
 
 @dataclass
 class Draws:
@@ -285,7 +269,6 @@ class Draws:
     eps: torch.Tensor    # (B, L, d) noise
     lam: torch.Tensor    # (B, L) clean fraction of the decode corruption
 
-
 def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None):
     """Draw the roles, times and scales of one step on the host (small, and the block sizes must be
     known there), and the large noise tensors on the device. Two generators make it reproducible."""
@@ -299,14 +282,12 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     eps = torch.randn(batch, length, cfg.embed_dim, generator=device_generator, device=device)
     return Draws(n_self_cond, n_decode, to_device(t, device), to_device(w, device), eps, lam)
 
-
 def to_device(tensor, device):
     """Host -> device copy that does not wait for the GPU: from pinned memory a CUDA copy is async,
     from ordinary (pageable) memory it first waits for all queued GPU work."""
     if device is not None and torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
 
 def micro_batch_generators(seed, it, index, device):
     """Host and device generators for micro-batch `index` of step `it`. Data windows and noise depend on
@@ -315,11 +296,9 @@ def micro_batch_generators(seed, it, index, device):
     s = (seed * 1_000_003 + it) * 4099 + index
     return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
 
-
 def guided_target(v, v_cond, v_uncond, w):
     """Training-time self-conditioning guidance (§4): v + (1 - 1/w)(v_cond - v_uncond), no gradient."""
     return v + (1 - 1 / w)[:, None, None] * (v_cond - v_uncond)
-
 
 def elf_loss(model, tokens, draws):
     """The ELF objective for one mixed batch (§4). Returns (loss, mse, ce): loss is (sum of decode-token
@@ -366,7 +345,6 @@ def elf_loss(model, tokens, draws):
         ce = ce_per_token.mean()
     return loss_sum / (B * L), mse, ce
 
-
 # ----------------------------------------------------------------------------------------------
 # Sampler math (§5). The loop that uses these lives in sample.py.
 
@@ -382,7 +360,6 @@ def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
     inner = torch.sigmoid(cfg.t_mean + cfg.t_std * noise).sort().values
     return torch.cat([torch.zeros(1), inner, torch.ones(1)])
 
-
 def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
     """One step from t to t_next with churn gamma (§5); gamma = 0 is the plain Euler ODE step.
     Churn first moves back to t_b = alpha t by re-noising, then an Euler step goes from t_b to t_next.
@@ -395,13 +372,11 @@ def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
     v_hat = velocity(x_hat, z_b, t_batch, cfg.t_eps)
     return z_b + (t_next - t_b) * v_hat, x_hat
 
-
 def argmax_tokens(logits, n_vocab=None):
     """Final decode (§5): the most likely token per position, ignoring the vocabulary's padding rows."""
     if n_vocab is not None:
         logits = logits[..., :n_vocab]
     return logits.argmax(-1)
-
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation (§7): a diffusion LM has no simple perplexity; samples are judged by these two numbers.
@@ -410,13 +385,11 @@ def cut_at_eot(row):
     """A sample's tokens up to its first end-of-text token, which is kept (ELF.md §7 scores it once)."""
     return row[:row.index(EOT) + 1] if EOT in row else row
 
-
 def unigram_entropy(tokens):
     """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
     counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
     p = counts / counts.sum()
     return float(-(p * p.log()).sum()) if len(tokens) else 0.0
-
 
 @torch.no_grad()
 def pooled_nll(judge, samples, bos=EOT):
@@ -430,7 +403,6 @@ def pooled_nll(judge, samples, bos=EOT):
         total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
         count += ids.size(1) - 1
     return total, count
-
 
 # ----------------------------------------------------------------------------------------------
 # Cost model, for the MFU that train.py logs.
@@ -448,15 +420,12 @@ def flops_per_token(mc):
     share_sc = (1 - mc.decoder_prob) * mc.self_cond_prob
     return 3 * trunk + share_sc * trunk + mc.decoder_prob * 3 * head
 
-
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense, per GPU
-
 
 def peak_flops(device):
     """bf16 dense peak FLOP/s of the GPU, looked up by name; None where unknown (no MFU then)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer (§4): Muon for the transformer's 2-D weight matrices, AdamW for everything else.
@@ -474,7 +443,6 @@ def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, bet
     adam = [p for p in params if id(p) not in hidden]
     return [torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="original"),
             torch.optim.AdamW(adam, lr=adam_lr or lr, betas=betas, weight_decay=weight_decay, **_fused(adam))]
-
 
 def _fused(params):
     """Fused AdamW kernels on CUDA (one launch for all tensors); the default elsewhere."""

@@ -18,12 +18,10 @@ import numpy as np
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-
 def fail(msg):
     # one clear line on stderr instead of a traceback; tests catch the SystemExit
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
-
 
 def download_shakespeare(out_dir):
     path = Path(out_dir) / "tinyshakespeare.txt"
@@ -38,7 +36,6 @@ def download_shakespeare(out_dir):
     path.write_bytes(data)
     return path
 
-
 def find_files(paths):
     files = []
     for p in map(Path, paths):
@@ -52,7 +49,6 @@ def find_files(paths):
         else:
             fail(f"input path does not exist: {p}")
     return files
-
 
 def read_documents(paths):
     """Return [(path, text)] for every non-blank document, in the order given."""
@@ -70,14 +66,12 @@ def read_documents(paths):
         fail("input is empty: every file is empty or whitespace only")
     return docs
 
-
 def get_encoder():
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline without a cache: network error deep in tiktoken
         fail(f"could not load the gpt2 tokenizer ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding its files")
-
 
 def tokenize(docs):
     enc = get_encoder()
@@ -88,7 +82,6 @@ def tokenize(docs):
         ids.extend(enc.encode_ordinary(text))
         ids.append(enc.eot_token)
     return np.array(ids, dtype=np.uint16)
-
 
 def write_split(tokens, out_dir, name, val_fraction, sources):
     # a plain cut of the concatenated stream: deterministic and order preserving
@@ -107,7 +100,6 @@ def write_split(tokens, out_dir, name, val_fraction, sources):
     (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return d, meta
 
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Tokenize UTF-8 text into uint16 shards (GPT-2 BPE).")
     ap.add_argument("--input", nargs="+", help="text files and/or folders of *.txt (default: download Tiny Shakespeare)")
@@ -125,7 +117,6 @@ def main(argv=None):
     d, meta = write_split(tokens, args.out_dir, name, args.val_fraction, [p for p, _ in docs])
     print(f"{len(docs)} document(s), {len(tokens):,} tokens: {meta['train_tokens']:,} train / "
           f"{meta['val_tokens']:,} val -> {d}/train.bin, val.bin, meta.json")
-
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ import torch
 from elf import (ELF, EOT, ELFConfig, MODEL_SIZES, N_VOCAB, argmax_tokens, cut_at_eot, pooled_nll, sde_step,
                  time_grid, unigram_entropy)
 
-
 @torch.no_grad()
 def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, scale=3.0,
              schedule="logit_normal", generator=None, denoise_fn=None, decode_fn=None, on_step=None):
@@ -45,13 +44,11 @@ def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, sca
             on_step(grid[i + 1], z, x_prev)
     return argmax_tokens(decode_fn(z, w), N_VOCAB)  # the same network in decode mode, then argmax
 
-
 def decode_texts(tokens):
     """Token ids -> strings, each cut at its first end-of-text token."""
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     return [enc.decode([t for t in cut_at_eot(row) if t != EOT]) for row in tokens.tolist()]
-
 
 # ----------------------------------------------------------------------------------------------
 # Judging samples (ELF.md §7): entropy and generative perplexity (elf.py), always reported together.
@@ -66,7 +63,6 @@ def load_judge(name, device):
     except Exception as e:
         print(f"no generative perplexity: cannot load judge {name!r} ({type(e).__name__}); entropy only")
     return None
-
 
 def judge_samples(token_rows, args, seconds_per_sample, device):
     """Print and append to the results file one JSON line: gen_ppl, entropy and the sampling settings."""
@@ -84,13 +80,11 @@ def judge_samples(token_rows, args, seconds_per_sample, device):
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")
 
-
 def show(model, num_samples, steps, seed):
     """Print a few samples of the model's full length, for train.py's evaluations."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for text in decode_texts(generate(model, num_samples, model.cfg.block_size, steps, generator=gen)):
         print("  | " + text.replace("\n", "\n  | "))
-
 
 # ----------------------------------------------------------------------------------------------
 # Pictures (matplotlib, imported only when drawing).
@@ -100,7 +94,6 @@ def pyplot():
     matplotlib.use("Agg")                              # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
-
 
 def plot_losses(log_path, png_path):
     """loss.png from train.py's log.jsonl: training loss, its MSE and CE parts, and the val objective."""
@@ -115,7 +108,6 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path + ".tmp.png", dpi=90, bbox_inches="tight")
     os.replace(png_path + ".tmp.png", png_path)        # the old picture stays until the new one is whole
     plt.close(fig)
-
 
 @torch.no_grad()
 def trajectory(model, length, args, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
@@ -146,7 +138,6 @@ def trajectory(model, length, args, gen, out_dir, n_samples=2, n_rows=8, n_paths
     plt.close("all")
     print(f"wrote {out_dir}/trajectory.png and trajectory_pca.png")
 
-
 def load_model(ckpt_path, weights, device):
     """ELF model from a train.py checkpoint, or a clear error saying what is wrong."""
     if not os.path.exists(ckpt_path):
@@ -159,7 +150,6 @@ def load_model(ckpt_path, weights, device):
         sys.exit(f"error: {ckpt_path} is not a compatible ELF checkpoint ({type(e).__name__}: "
                  f"{str(e).splitlines()[0][:120]})")
     return model.to(device).eval(), ckpt
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,7 +234,6 @@ def main(argv=None):
     print(f"{len(texts)} samples in {seconds:.1f} s ({seconds / len(texts):.3f} s per sample); written to {out}")
     if args.eval:
         judge_samples(torch.cat(tokens).tolist(), args, round(seconds / len(texts), 4), device)
-
 
 if __name__ == "__main__":
     main()

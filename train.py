@@ -25,7 +25,6 @@ import sample
 from elf import (ELF, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
                  flops_per_token, micro_batch_generators, peak_flops, to_device)
 
-
 @dataclass
 class TrainConfig:
     # data and output
@@ -61,7 +60,6 @@ class TrainConfig:
     bench_warmup: int = 5
     bench_steps: int = 20
 
-
 PRESETS = {
     "cpu": {},  # the defaults above: the CPU quick start
     # ELF-B on OpenWebText (§4): batch 512 x 1024 as 8 micro-batches of 64, Muon lr 2e-3, constant
@@ -71,10 +69,8 @@ PRESETS = {
                       eval_iters=20, log_interval=10),
 }
 
-
 class ConfigError(Exception):
     pass
-
 
 def parse_value(text, default, key):
     """Convert a command-line string to the type of the field's default, or say what was expected."""
@@ -88,7 +84,6 @@ def parse_value(text, default, key):
         return type(default)(text)
     except ValueError:
         raise ConfigError(f"--{key} expects {type(default).__name__}, got {text!r}") from None
-
 
 def parse_args(argv):
     """--key=value (or --flag) overrides for TrainConfig and ELFConfig, after --preset and --model."""
@@ -117,7 +112,6 @@ def parse_args(argv):
         raise ConfigError(f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}")
     return tc, mc
 
-
 # ----------------------------------------------------------------------------------------------
 # Data: random windows of block_size tokens from the memmapped uint16 shards.
 
@@ -136,7 +130,6 @@ def open_shard(tc, mc, split):
         raise ConfigError(f"{path} has {size // 2} tokens, not more than block_size {mc.block_size}; lower --block_size")
     return path
 
-
 def get_batch(path, batch, block_size, generator, vocab_size):
     # A fresh memmap per batch keeps memory flat over long runs (numpy's memmap caches pages otherwise).
     data = np.memmap(path, dtype=np.uint16, mode="r")
@@ -147,7 +140,6 @@ def get_batch(path, batch, block_size, generator, vocab_size):
                           f"another tokenizer's")
     return torch.from_numpy(tokens.astype(np.int64))
 
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, logs, schedule, devices.
 
@@ -157,7 +149,6 @@ def save_checkpoint(path, state):
     torch.save(state, tmp)
     os.replace(tmp, path)
 
-
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise ConfigError(f"no checkpoint at {path}: train first, or drop --resume")
@@ -166,7 +157,6 @@ def load_checkpoint(path):
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt")
 
-
 def lr_at(it, tc):
     if it < tc.warmup_iters:
         return tc.lr * (it + 1) / tc.warmup_iters
@@ -174,7 +164,6 @@ def lr_at(it, tc):
         progress = (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters)
         return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
     return tc.lr
-
 
 def init_distributed(tc):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
@@ -186,7 +175,6 @@ def init_distributed(tc):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
 
 class Trainer:
     """The model, its EMA and the optimizers; `step` is one optimizer step over this process's share
@@ -284,7 +272,6 @@ class Trainer:
             opt.load_state_dict(state)
         self.iter = ckpt["iter"]
 
-
 def bench(trainer, tc, mc, device):
     """Random tokens at the configured shape: warm-up steps, then timed steps; one JSON line."""
     random_tokens = lambda g: torch.randint(0, 50257, (trainer.micro, mc.block_size), generator=g)  # noqa: E731
@@ -305,7 +292,6 @@ def bench(trainer, tc, mc, device):
                       "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s),
                       "mfu": round(tokens_per_s * flops_per_token(mc) / peak, 4) if peak else None,
                       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None}))
-
 
 def main(argv=None):
     tc, mc = parse_args(sys.argv[1:] if argv is None else argv)
@@ -382,7 +368,6 @@ def main(argv=None):
         if world > 1:
             dist.destroy_process_group()
 
-
 def check_in_sync(trainer, log):
     """Every rank must end with identical weights and EMA: the checksums' spread across ranks is zero."""
     sums = torch.stack([sum(p.double().sum() for p in ps) for ps in (trainer.params, trainer.ema_params)])
@@ -391,7 +376,6 @@ def check_in_sync(trainer, log):
     if not torch.equal(low, high):
         raise ConfigError("ranks ended with different weights; please report this")
     log(f"ranks in sync: {trainer.world} processes hold identical weights and EMA")
-
 
 if __name__ == "__main__":
     try:
