@@ -47,6 +47,10 @@ class ELFConfig:
     guidance: bool = True         # training-time self-conditioning guidance (§4); False is the ablation
     guidance_min: float = 0.5     # w range; (w + 1) is log-uniform on [1 + min, 1 + max]
     guidance_max: float = 5.0
+    # conditions (§6): per example none, a clean prefix (prompting) or clean spans (infilling)
+    cond_prefix_prob: float = 0.0  # the paper's unconditional model has neither
+    cond_span_prob: float = 0.0
+    cond_drop_prob: float = 0.1   # classifier-free guidance: conditions dropped (zeroed) this often
 
 EOT, N_VOCAB = 50256, 50257  # GPT-2 BPE's end-of-text token and vocabulary size (vocab_size pads it)
 
@@ -181,12 +185,9 @@ class ELF(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for p in [self.mode_tokens, self.time_tokens, self.scale_tokens]:
+        mlp_weights = [m.weight for m in [*self.time_mlp, *self.scale_mlp] if isinstance(m, nn.Linear)]
+        for p in [self.mode_tokens, self.time_tokens, self.scale_tokens, *mlp_weights]:
             nn.init.normal_(p, std=0.02)
-        for mlp in [self.time_mlp, self.scale_mlp]:
-            for m in mlp:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
         # Zero-initialised x_hat head: the untrained model predicts x_hat = 0, a calm starting point.
         nn.init.zeros_(self.x_head.weight)
         nn.init.zeros_(self.x_head.bias)
@@ -220,13 +221,11 @@ class ELF(nn.Module):
         hidden = self(z, t, w, x_sc, torch.zeros_like(t))
         return self.predict_x(hidden, z, t)
 
-    def decode(self, z, w):
-        """Final pass (§5): decode mode at t = 1 with zero self-conditioning -> logits (B, L, vocab)."""
+    def decode(self, z, w, x_sc=None):
+        """Final pass (§5): decode mode at t = 1, self-conditioning input zero (but clean at condition
+        positions, §6) -> logits (B, L, vocab)."""
         t = torch.ones(z.size(0), device=z.device)
-        return self.decode_logits(self(z, t, w, torch.zeros_like(z), torch.ones_like(t)))
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+        return self.decode_logits(self(z, t, w, torch.zeros_like(z) if x_sc is None else x_sc, torch.ones_like(t)))
 
 # ----------------------------------------------------------------------------------------------
 # Training objective (§1, §4)
@@ -255,23 +254,37 @@ def sample_guidance_scale(n, cfg, generator=None, device=None):
     u = torch.rand(n, generator=generator, device=device)
     return torch.exp(lo + (hi - lo) * u) - 1
 
+def draw_condition(cfg, batch, length, generator=None):
+    """Condition positions (B, L) bool, per example (§6): none, a clean prefix of random length
+    (prompting) or one to three clean spans at random places (infilling). A position is a condition
+    when an odd number of the example's cut points lie at or before it."""
+    kind = torch.rand(batch, generator=generator)
+    prefix, conditioned = kind < cfg.cond_prefix_prob, kind < cfg.cond_prefix_prob + cfg.cond_span_prob
+    cuts = torch.randint(0, length + 1, (batch, 6), generator=generator)
+    n_cuts = 2 * torch.randint(1, 4, (batch, 1), generator=generator)     # two per clean span
+    cuts[prefix, 0], n_cuts[prefix] = 0, 2                                # a prefix: one span from 0
+    cuts[(torch.arange(6) >= n_cuts) | ~conditioned[:, None]] = length    # cut points at `length` do nothing
+    return (torch.arange(length)[None, :, None] >= cuts[:, None]).sum(-1) % 2 == 1
+
 @dataclass
 class Draws:
     """All randomness of one training step. Rows are split into three blocks: [0, n_self_cond) are
     self-conditioned denoise examples, [n_self_cond, B - n_decode) plain denoise examples and the
-    last n_decode decode examples. Windows are drawn i.i.d., so giving roles by block with binomial
-    counts is the same distribution as an independent coin per example, and it lets every
-    sub-batch be a slice (no gathers, no host sync)."""
+    last n_decode decode examples. Windows are drawn i.i.d., so roles by block with binomial counts
+    are the same distribution as a coin per example, and every sub-batch is a slice (no host sync)."""
     n_self_cond: int
     n_decode: int
     t: torch.Tensor      # (B,) times, 1 for decode rows
     w: torch.Tensor      # (B,) guidance scales
     eps: torch.Tensor    # (B, L, d) noise
     lam: torch.Tensor    # (B, L) clean fraction of the decode corruption
+    cond: torch.Tensor = None   # (B, L) bool: clean condition positions (§6); None: unconditional
+    drop: torch.Tensor = None   # (B,) bool: the examples whose condition is dropped (classifier-free guidance)
 
-def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None):
+def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None, cond=None):
     """Draw the roles, times and scales of one step on the host (small, and the block sizes must be
-    known there), and the large noise tensors on the device. Two generators make it reproducible."""
+    known there), and the large noise tensors on the device. Two generators make it reproducible.
+    cond: the data's own condition positions (paired data); else they are drawn from the mixture."""
     n_decode = int((torch.rand(batch, generator=generator) < cfg.decoder_prob).sum())
     n_self_cond = int((torch.rand(batch - n_decode, generator=generator) < cfg.self_cond_prob).sum())
     t = torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(batch, generator=generator))
@@ -280,7 +293,10 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     lam_n = torch.randn(batch, length, generator=device_generator, device=device)
     lam = torch.sigmoid(cfg.decoder_lambda_mean + cfg.decoder_lambda_std * lam_n)
     eps = torch.randn(batch, length, cfg.embed_dim, generator=device_generator, device=device)
-    return Draws(n_self_cond, n_decode, to_device(t, device), to_device(w, device), eps, lam)
+    if cond is None and cfg.cond_prefix_prob + cfg.cond_span_prob > 0:
+        cond = to_device(draw_condition(cfg, batch, length, generator), device)
+    drop = None if cond is None else to_device(torch.rand(batch, generator=generator) < cfg.cond_drop_prob, device)
+    return Draws(n_self_cond, n_decode, to_device(t, device), to_device(w, device), eps, lam, cond, drop)
 
 def to_device(tensor, device):
     """Host -> device copy that does not wait for the GPU: from pinned memory a CUDA copy is async,
@@ -302,7 +318,8 @@ def guided_target(v, v_cond, v_uncond, w):
 
 def elf_loss(model, tokens, draws):
     """The ELF objective for one mixed batch (§4). Returns (loss, mse, ce): loss is (sum of decode-token
-    CE + sum of denoise-token velocity MSE) / all tokens; mse and ce are the means over their own tokens.
+    CE + sum of denoise-token velocity MSE) / number of tokens in the loss (all but conditions, §6);
+    mse and ce are the means over their own tokens.
 
     Cost: one no-grad forward on the self-conditioned rows only, then one forward+backward. The
     no-grad pass gives x_sc and v_uncond; the main pass's detached output *is* v_cond (dropout 0)."""
@@ -314,17 +331,24 @@ def elf_loss(model, tokens, draws):
     z = torch.cat([noisy_state(x[:n_den], d.t[:n_den], d.eps[:n_den], cfg.noise_scale),
                    corrupt_for_decode(x[n_den:], d.lam[n_den:], d.eps[n_den:], cfg.decoder_noise_scale)])
     decode = (torch.arange(B, device=tokens.device) >= n_den).float()
-    # Self-conditioning: x_sc = stopgrad(f(z, t, x_sc = 0)) on the self-conditioned rows, zeros elsewhere.
-    x_sc = torch.zeros_like(z)
+    # Conditions (§6): clean embeddings in z and in x_sc at every t, out of the loss. Where classifier-
+    # free guidance drops an example's condition, its positions hold zeros instead.
+    cond = torch.zeros_like(tokens, dtype=torch.bool) if d.cond is None else d.cond
+    shown = cond if d.drop is None else cond & ~d.drop[:, None]
+    x_cond = torch.where(shown[..., None], x, 0.0)
+    z = torch.where(cond[..., None], x_cond, z)
+    in_loss = (~cond).float()
+    # Self-conditioning: x_sc = stopgrad(f(z, t, x_sc = 0)) on the self-conditioned rows, 0 elsewhere (but
+    # the condition, as above, at condition positions).
+    x_sc = x_cond
     if n_sc > 0:
         with torch.no_grad():
             z_sc, t_sc, w_sc = z[:n_sc], d.t[:n_sc], d.w[:n_sc]
-            x_uncond = model.predict_x(model(z_sc, t_sc, w_sc, torch.zeros_like(z_sc), decode[:n_sc]), z_sc, t_sc)
-        x_sc = torch.cat([x_uncond.to(z.dtype), x_sc[n_sc:]])
+            x_uncond = model.predict_x(model(z_sc, t_sc, w_sc, x_cond[:n_sc], decode[:n_sc]), z_sc, t_sc)
+        x_sc = torch.cat([torch.where(cond[:n_sc, :, None], x_cond[:n_sc], x_uncond.to(z.dtype)), x_cond[n_sc:]])
     hidden = model(z, d.t, d.w, x_sc, decode)
     # Denoising loss on the first n_den rows: velocity MSE against the (guided) target.
-    loss_sum = z.new_zeros(())
-    mse = ce = z.new_zeros(())
+    loss_sum = mse = ce = z.new_zeros(())
     if n_den > 0:
         z_den, t_den = z[:n_den], d.t[:n_den]
         x_hat = model.predict_x(hidden[:n_den], z_den, t_den).float()
@@ -334,16 +358,15 @@ def elf_loss(model, tokens, draws):
             v_uncond = velocity(x_uncond.float(), z[:n_sc], d.t[:n_sc], cfg.t_eps)
             guided = guided_target(target[:n_sc], v_hat[:n_sc].detach(), v_uncond, d.w[:n_sc])
             target = torch.cat([guided, target[n_sc:]])
-        mse_per_token = (v_hat - target).pow(2).mean(-1)
-        loss_sum = loss_sum + mse_per_token.sum()
-        mse = mse_per_token.mean()
+        mse_sum = ((v_hat - target).pow(2).mean(-1) * in_loss[:n_den]).sum()
+        loss_sum, mse = loss_sum + mse_sum, mse_sum / in_loss[:n_den].sum().clamp(min=1)
     # Decode loss on the last n_decode rows: cross-entropy of the logits (computed only there) in fp32.
     if d.n_decode > 0:
         logits = model.decode_logits(hidden[n_den:])
         ce_per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens[n_den:].flatten(), reduction="none")
-        loss_sum = loss_sum + ce_per_token.sum()
-        ce = ce_per_token.mean()
-    return loss_sum / (B * L), mse, ce
+        ce_sum = (ce_per_token * in_loss[n_den:].flatten()).sum()
+        loss_sum, ce = loss_sum + ce_sum, ce_sum / in_loss[n_den:].sum().clamp(min=1)
+    return loss_sum / in_loss.sum().clamp(min=1), mse, ce
 
 # ----------------------------------------------------------------------------------------------
 # Sampler math (§5). The loop that uses these lives in sample.py.
@@ -372,11 +395,26 @@ def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
     v_hat = velocity(x_hat, z_b, t_batch, cfg.t_eps)
     return z_b + (t_next - t_b) * v_hat, x_hat
 
+def hold_condition(z, cond, x_cond):
+    """Condition positions (§6) hold their clean embedding x_cond, whatever the flow did there."""
+    return z if cond is None else torch.where(cond[..., None], x_cond, z)
+
+def conditioned(denoise_fn, cond, x_cond, cfg_scale=1.0):
+    """denoise_fn(z, t, x_sc) -> x_hat for conditional sampling (§6): the condition is held clean in both
+    inputs. Classifier-free guidance (cfg_scale c != 1) adds a pass with the condition dropped (zeros,
+    as in training) and returns x_u + c (x_c - x_u); both passes share z at the generated positions,
+    so its velocity is v_u + c (v_c - v_u)."""
+    def denoise(z, t, x_sc):
+        x_c = denoise_fn(hold_condition(z, cond, x_cond), t, hold_condition(x_sc, cond, x_cond))
+        if cond is None or cfg_scale == 1:
+            return x_c
+        x_u = denoise_fn(hold_condition(z, cond, 0.0), t, hold_condition(x_sc, cond, 0.0))
+        return x_u + cfg_scale * (x_c - x_u)
+    return denoise
+
 def argmax_tokens(logits, n_vocab=None):
     """Final decode (§5): the most likely token per position, ignoring the vocabulary's padding rows."""
-    if n_vocab is not None:
-        logits = logits[..., :n_vocab]
-    return logits.argmax(-1)
+    return logits[..., :n_vocab].argmax(-1)
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation (§7): a diffusion LM has no simple perplexity; samples are judged by these two numbers.
@@ -403,6 +441,19 @@ def pooled_nll(judge, samples, bos=EOT):
         total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
         count += ids.size(1) - 1
     return total, count
+
+def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
+    """exp(pooled NLL) of the samples under a causal LM from `transformers` (an optional dependency), or
+    None, with a one-line reason, when it is not installed or the judge's weights cannot be loaded."""
+    try:
+        from transformers import AutoModelForCausalLM
+        judge = AutoModelForCausalLM.from_pretrained(judge_name).to(device).eval()
+    except ImportError:
+        return print("no generative perplexity: the judge needs `pip install transformers`; entropy only")
+    except Exception as e:
+        return print(f"no generative perplexity: cannot load judge {judge_name!r} ({type(e).__name__}); entropy only")
+    total, count = pooled_nll(judge, samples)
+    return math.exp(total / max(count, 1))
 
 # ----------------------------------------------------------------------------------------------
 # Cost model, for the MFU that train.py logs.
@@ -435,15 +486,12 @@ def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, bet
     matrices; embeddings, heads, norms, biases and learned tokens go to AdamW (Muon takes 2-D only)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
-        return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **_fused(params))]
+        return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=params[0].is_cuda)]
     if optimizer != "muon":
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'muon' or 'adamw'")
     hidden = {id(p) for n, p in model.blocks.named_parameters() if p.dim() == 2}
     muon = [p for p in params if id(p) in hidden]
     adam = [p for p in params if id(p) not in hidden]
     return [torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="original"),
-            torch.optim.AdamW(adam, lr=adam_lr or lr, betas=betas, weight_decay=weight_decay, **_fused(adam))]
-
-def _fused(params):
-    """Fused AdamW kernels on CUDA (one launch for all tensors); the default elsewhere."""
-    return {"fused": True} if params and params[0].is_cuda else {}
+            torch.optim.AdamW(adam, lr=adam_lr or lr, betas=betas, weight_decay=weight_decay,
+                              fused=adam[0].is_cuda)]   # fused: one kernel launch for all tensors

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import sample
-from elf import (ELF, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
+from elf import (ELF, EOT, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
                  flops_per_token, micro_batch_generators, peak_flops, to_device)
 
 @dataclass
@@ -61,7 +61,8 @@ class TrainConfig:
     bench_steps: int = 20
 
 PRESETS = {
-    "cpu": {},  # the defaults above: the CPU quick start
+    # The CPU quick start: the defaults above; half its examples hold a clean prefix or spans (§6, prompts, blanks).
+    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25),
     # ELF-B on OpenWebText (§4): batch 512 x 1024 as 8 micro-batches of 64, Muon lr 2e-3, constant
     # after a 0.5-epoch warm-up, 5 epochs (~95K steps), EMA 0.9999.
     "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512, grad_accum=8,
@@ -74,16 +75,12 @@ class ConfigError(Exception):
 
 def parse_value(text, default, key):
     """Convert a command-line string to the type of the field's default, or say what was expected."""
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", ""):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"--{key} expects true or false, got {text!r}")
+    booleans = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
     try:
-        return type(default)(text)
-    except ValueError:
-        raise ConfigError(f"--{key} expects {type(default).__name__}, got {text!r}") from None
+        return booleans[text.lower()] if isinstance(default, bool) else type(default)(text)
+    except (KeyError, ValueError):
+        expected = "true or false" if isinstance(default, bool) else type(default).__name__
+        raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
 
 def parse_args(argv):
     """--key=value (or --flag) overrides for TrainConfig and ELFConfig, after --preset and --model."""
@@ -113,10 +110,11 @@ def parse_args(argv):
     return tc, mc
 
 # ----------------------------------------------------------------------------------------------
-# Data: random windows of block_size tokens from the memmapped uint16 shards.
+# Data: random windows of block_size tokens from the memmapped uint16 shards, or, for paired data
+# (prepare_data.py --pairs), whole examples of block_size tokens: source, end-of-text, target, padding.
 
 def open_shard(tc, mc, split):
-    """Path of a shard after the checks that would otherwise fail deep inside training."""
+    """(path, paired) of a shard, after the checks that would otherwise fail deep inside training."""
     path = os.path.join(tc.data_dir, tc.dataset, f"{split}.bin")
     if not os.path.exists(path):
         raise ConfigError(f"missing data file {path}: run `python prepare_data.py` first (or pass --dataset/--data_dir)")
@@ -126,18 +124,22 @@ def open_shard(tc, mc, split):
         raise ConfigError(f"{path} is not a uint16 token shard; re-run prepare_data.py")
     if meta.get("vocab_size", 0) > mc.vocab_size:
         raise ConfigError(f"{meta_path} says vocab_size {meta['vocab_size']}, more than the model's {mc.vocab_size}")
-    if size // 2 <= mc.block_size:
+    paired = meta.get("pairs", False)
+    if paired and meta["block_size"] != mc.block_size:
+        raise ConfigError(f"{path} holds examples of {meta['block_size']} tokens: pass --block_size={meta['block_size']}")
+    if size // 2 < mc.block_size + (not paired):
         raise ConfigError(f"{path} has {size // 2} tokens, not more than block_size {mc.block_size}; lower --block_size")
-    return path
+    return path, paired
 
-def get_batch(path, batch, block_size, generator, vocab_size):
+def get_batch(path, batch, block_size, generator, vocab_size, paired=False):
     # A fresh memmap per batch keeps memory flat over long runs (numpy's memmap caches pages otherwise).
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    starts = torch.randint(len(data) - block_size, (batch,), generator=generator).tolist()
+    # Paired data (prepare_data.py --pairs): whole examples only, each at a multiple of block_size.
+    count, unit = (len(data) // block_size, block_size) if paired else (len(data) - block_size, 1)
+    starts = (torch.randint(count, (batch,), generator=generator) * unit).tolist()
     tokens = np.stack([data[s:s + block_size] for s in starts])
     if tokens.max() >= vocab_size:
-        raise ConfigError(f"{path} holds token id {tokens.max()} >= vocab_size {vocab_size}: a corrupt shard or "
-                          f"another tokenizer's")
+        raise ConfigError(f"{path} holds token id {tokens.max()} >= vocab_size {vocab_size}: corrupt, or another tokenizer's")
     return torch.from_numpy(tokens.astype(np.int64))
 
 # ----------------------------------------------------------------------------------------------
@@ -145,9 +147,8 @@ def get_batch(path, batch, block_size, generator, vocab_size):
 
 def save_checkpoint(path, state):
     # Temporary file + rename: a crash or Ctrl-C mid-write leaves the previous checkpoint intact.
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 def load_checkpoint(path):
     if not os.path.exists(path):
@@ -156,6 +157,18 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)  # to CPU: no GPU memory spike
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt")
+
+def plot_losses(log_path, png_path):
+    """loss.png from log.jsonl: training loss, its MSE and CE parts, and the val objective."""
+    from matplotlib.figure import Figure                # files only, no display or global state
+    rows, ax = [json.loads(line) for line in open(log_path)], Figure(figsize=(7, 4)).subplots()
+    for key in ("loss", "mse", "ce", "val"):
+        points = [(r["iter"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="o" if key == "val" else None)
+    ax.set(xlabel="iteration", yscale="log", title="ELF training"), ax.legend(), ax.grid(alpha=0.3)
+    ax.figure.savefig(png_path + ".tmp.png", dpi=90, bbox_inches="tight")
+    os.replace(png_path + ".tmp.png", png_path)        # the old picture stays until the new one is whole
 
 def lr_at(it, tc):
     if it < tc.warmup_iters:
@@ -199,16 +212,15 @@ class Trainer:
         # gradient (not a skipped update), the same on one process as on several.
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
-        self.iter = 0
+        self.iter, self.paired = 0, False                      # paired: set by main for prepare_data.py --pairs data
         self.first_bad_iter = torch.tensor(-1, device=device)   # first step with a non-finite loss or gradient
 
     def step(self, get_tokens):
         """get_tokens(generator) -> a (micro, block_size) batch. Returns the step's mean (loss, mse, ce)
         and gradient norm as device tensors: nothing here waits for the GPU."""
         tc = self.tc
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(self.iter, tc)
+        for group in [group for opt in self.optimizers for group in opt.param_groups]:
+            group["lr"] = lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
             loss, mse, ce = self.micro_batch_loss(self.forward_model, get_tokens, tc.seed, self.iter,
@@ -244,14 +256,17 @@ class Trainer:
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
         host_gen, device_gen = micro_batch_generators(seed, it, index, self.device)
         tokens = to_device(get_tokens(host_gen), self.device)
-        draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device)
+        eot = tokens == EOT                                     # paired data: source + end-of-text are the condition
+        cond = eot.cumsum(1) - eot.long() == 0 if self.paired else None
+        draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device, cond)
         with self.autocast:
             return elf_loss(model, tokens, draws)
 
     @torch.no_grad()
     def evaluate(self, path):
         """The training objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        val_tokens = lambda g: get_batch(path, self.micro, self.mc.block_size, g, self.mc.vocab_size)  # noqa: E731
+        val_tokens = lambda g: get_batch(path, self.micro, self.mc.block_size, g,  # noqa: E731
+                                         self.mc.vocab_size, self.paired)
         losses = [self.micro_batch_loss(self.ema, val_tokens, 0, 0, i)[0] for i in range(self.tc.eval_iters)]
         return torch.stack(losses).mean().item()               # one host sync for the whole evaluation
 
@@ -279,19 +294,18 @@ def bench(trainer, tc, mc, device):
     for i in range(tc.bench_warmup + tc.bench_steps):
         if i == tc.bench_warmup:                                # warm-up done (compilation included)
             if gpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
         trainer.step(random_tokens)
     if gpu:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / tc.bench_steps
     tokens_per_s = tc.batch_size * mc.block_size / step_s
-    print(json.dumps({"bench": "train", "model": tc.model, "device": str(device), "batch": tc.batch_size,
-                      "gpu": torch.cuda.get_device_name(device) if gpu else None, "block_size": mc.block_size,
-                      "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s),
-                      "mfu": round(tokens_per_s * flops_per_token(mc) / peak, 4) if peak else None,
-                      "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None}))
+    mfu = round(tokens_per_s * flops_per_token(mc) / peak, 4) if peak else None
+    print(json.dumps(dict(bench="train", model=tc.model, device=str(device), batch=tc.batch_size, block_size=mc.block_size,
+                          gpu=torch.cuda.get_device_name(device) if gpu else None, step_s=round(step_s, 4), mfu=mfu,
+                          tokens_per_s=round(tokens_per_s), peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                          if gpu else None)))
 
 def main(argv=None):
     tc, mc = parse_args(sys.argv[1:] if argv is None else argv)
@@ -301,7 +315,7 @@ def main(argv=None):
     trainer = Trainer(tc, mc, device, rank, world)
     if tc.bench:
         return bench(trainer, tc, mc, device)
-    train_path, val_path = open_shard(tc, mc, "train"), open_shard(tc, mc, "val")
+    (train_path, trainer.paired), (val_path, _) = open_shard(tc, mc, "train"), open_shard(tc, mc, "val")
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     try:
         os.makedirs(tc.out_dir, exist_ok=True)
@@ -311,8 +325,8 @@ def main(argv=None):
     if tc.resume:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
-    log(f"model {tc.model}: {trainer.model.num_params() / 1e6:.2f}M parameters on {device}; global batch {tc.batch_size}"
-        f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
+    log(f"model {tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters on {device}; global batch "
+        f"{tc.batch_size} = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
     # Ctrl-C / SIGTERM: finish the step, save, exit. Several processes agree on when, at log intervals.
     # Every metric as one JSON line in out_dir/log.jsonl (drawn as loss.png); a new run starts a new log.
     log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a" if tc.resume else "w", buffering=1) if master else None
@@ -323,7 +337,7 @@ def main(argv=None):
     try:
         while trainer.iter < tc.max_iters:
             totals, grad_norm = trainer.step(lambda g: get_batch(train_path, trainer.micro, mc.block_size, g,
-                                                                 mc.vocab_size))
+                                                                 mc.vocab_size, trainer.paired))
             tokens_seen += tc.batch_size * mc.block_size
             it = trainer.iter
             logging, stopping = it % tc.log_interval == 0 or it == tc.max_iters, bool(stop) and world == 1
@@ -349,7 +363,7 @@ def main(argv=None):
                         val = trainer.evaluate(val_path)
                         log(f"iter {it}: val {val:.4f}")
                         print(json.dumps(dict(iter=it, val=val)), file=log_file)
-                        sample.plot_losses(log_file.name, os.path.join(tc.out_dir, "loss.png"))
+                        plot_losses(log_file.name, os.path.join(tc.out_dir, "loss.png"))
                         with trainer.autocast:                  # samples from the EMA weights
                             sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
                     save_checkpoint(ckpt_path, trainer.state_dict())

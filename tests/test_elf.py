@@ -83,18 +83,17 @@ class LinearToyModel(torch.nn.Module):
         return hidden @ self.table.T
 
 
-def test_loss_matches_hand_computation():
-    """Every formula of ELF.md §1/§4 written out element by element, with a toy network."""
-    cfg = ELFConfig(vocab_size=3, embed_dim=2, noise_scale=2.0, t_eps=0.05, decoder_noise_scale=5.0)
-    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
-    tokens = torch.tensor([[0, 2], [1, 1], [2, 0]])              # row 0 self-cond, row 1 plain, row 2 decode
-    eps = torch.tensor([[[0.1, -0.2], [0.3, 0.0]], [[-0.5, 0.2], [0.0, 0.4]], [[1.0, -1.0], [0.2, 0.2]]])
-    t, w = torch.tensor([0.3, 0.98, 1.0]), torch.tensor([2.0, 1.5, 3.0])
-    lam = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.9, 0.25]])
-    draws = Draws(n_self_cond=1, n_decode=1, t=t, w=w, eps=eps, lam=lam)
-    loss, mse, ce = elf_loss(LinearToyModel(cfg, table), tokens, draws)
+HAND = dict(table=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]),
+            tokens=torch.tensor([[0, 2], [1, 1], [2, 0]]),           # row 0 self-cond, row 1 plain, row 2 decode
+            eps=torch.tensor([[[0.1, -0.2], [0.3, 0.0]], [[-0.5, 0.2], [0.0, 0.4]], [[1.0, -1.0], [0.2, 0.2]]]),
+            t=torch.tensor([0.3, 0.98, 1.0]), w=torch.tensor([2.0, 1.5, 3.0]),
+            lam=torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.9, 0.25]]))
 
-    a, total_mse, total_ce = 0.5, [], []
+
+def hand_terms(table, tokens, eps, t, w, lam, a=0.5):
+    """{(row, position): (kind, per-token loss)} of the HAND batch, every formula of ELF.md §1/§4 written out
+    element by element for the linear toy network (which mixes no positions)."""
+    terms = {}
     for b in range(2):                                            # denoise rows
         for i in range(2):
             x, e, tb = table[tokens[b, i]].tolist(), eps[b, i].tolist(), t[b].item()
@@ -110,13 +109,25 @@ def test_loss_matches_hand_computation():
                 x_hat = [a * z[c] for c in range(2)]
                 target = [(x[c] - z[c]) / denom for c in range(2)]
             v_hat = [(x_hat[c] - z[c]) / denom for c in range(2)]
-            total_mse.append(sum((v_hat[c] - target[c]) ** 2 for c in range(2)) / 2)
+            terms[b, i] = ("mse", sum((v_hat[c] - target[c]) ** 2 for c in range(2)) / 2)
     for i in range(2):                                            # decode row: corrupted input, CE
         x, e, lm = table[tokens[2, i]].tolist(), eps[2, i].tolist(), lam[2, i].item()
         z = [lm * x[c] + (1 - lm) * 5.0 * e[c] for c in range(2)]
         logits = [sum(z[c] * table[k, c].item() for c in range(2)) for k in range(3)]
         log_z = math.log(sum(math.exp(v) for v in logits))
-        total_ce.append(log_z - logits[tokens[2, i].item()])
+        terms[2, i] = ("ce", log_z - logits[tokens[2, i].item()])
+    return terms
+
+
+def test_loss_matches_hand_computation():
+    """Every formula of ELF.md §1/§4 written out element by element, with a toy network."""
+    cfg = ELFConfig(vocab_size=3, embed_dim=2, noise_scale=2.0, t_eps=0.05, decoder_noise_scale=5.0)
+    h = HAND
+    draws = Draws(n_self_cond=1, n_decode=1, t=h["t"], w=h["w"], eps=h["eps"], lam=h["lam"])
+    loss, mse, ce = elf_loss(LinearToyModel(cfg, h["table"]), h["tokens"], draws)
+    terms = hand_terms(**h)
+    total_mse = [v for kind, v in terms.values() if kind == "mse"]
+    total_ce = [v for kind, v in terms.values() if kind == "ce"]
     assert loss.item() == pytest.approx((sum(total_mse) + sum(total_ce)) / 6, rel=1e-5)
     assert mse.item() == pytest.approx(sum(total_mse) / 4, rel=1e-5)
     assert ce.item() == pytest.approx(sum(total_ce) / 2, rel=1e-5)
