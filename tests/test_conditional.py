@@ -204,8 +204,10 @@ def test_pairs_end_to_end(reverse_model, tmp_path, capsys, cfg_scale):
 def test_prompt_and_infill_keep_the_fixed_text(reverse_model, tmp_path):
     ckpt, _ = reverse_model
     out = str(tmp_path / "s.jsonl")
-    sample.main(["--ckpt", ckpt, "--prompt", "red cat", "--num_samples=2", f"--out={out}"])
-    assert all(json.loads(line)["text"].startswith("red cat") for line in open(out))
+    (tmp_path / "prompt.txt").write_text("red cat")
+    for prompt in (["--prompt", "red cat"], ["--prompt_file", str(tmp_path / "prompt.txt")]):
+        sample.main(["--ckpt", ckpt, *prompt, "--num_samples=2", f"--out={out}"])
+        assert all(json.loads(line)["text"].startswith("red cat") for line in open(out))
     enc = sample.tiktoken.get_encoding("gpt2")
     args = sample.argparse.Namespace(pairs=None, infill="red [BLANK:2] sun", prompt=None, prompt_file=None,
                                      num_samples=1)
