@@ -53,7 +53,7 @@ def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, sca
 
 def read_rows(path, key):
     """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
-    return read_jsonl(path, key) or sys.exit(f'error: no samples in {path}: pass a JSON-lines file of {{"{key}": ...}} rows')
+    return read_jsonl(path, key) or sys.exit(f'error: no samples in {path}: want JSON lines of {{"{key}": ...}}')
 
 # ----------------------------------------------------------------------------------------------
 # Conditions (§6): prompts, blanks, sources become templates, a token id where fixed and None where generated.
@@ -67,15 +67,15 @@ def templates(args, pairs, length):
         text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
         # text, n, text, n, ..., text; the space before a blank is left to its first token (BPE's " word")
         parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
-        rows = [[t for i, part in enumerate(parts) for t in ([None] * int(part) if i % 2 else enc.encode_ordinary(part))]]
+        rows = [[t for i, p in enumerate(parts) for t in ([None] * int(p) if i % 2 else enc.encode_ordinary(p))]]
     for row in rows:
         if len(row) > length or (len(row) == length and None not in row):
-            sys.exit(f"error: the fixed text takes {len(row)} of the {length} tokens (--length or block_size): shorten it")
+            sys.exit(f"error: the fixed text takes {len(row)} of {length} tokens (--length or block_size): shorten it")
     return rows if pairs else rows * args.num_samples
 
 def condition_tensors(rows, length, device):
     """(cond, cond_tokens), each (len(rows), length): which positions are fixed, and their token ids."""
-    ids = torch.tensor([[-1 if t is None else t for t in row] + [-1] * (length - len(row)) for row in rows], device=device)
+    ids = torch.tensor([[-1 if t is None else t for t in r] + [-1] * (length - len(r)) for r in rows], device=device)
     return ids >= 0, ids.clamp(min=0)                                 # -1 marks the generated positions
 
 def score_pairs(pairs, rows, tokens):
@@ -104,9 +104,9 @@ def judge_samples(token_rows, args, seconds_per_sample, device):
     samples = [cut_at_eot(row) for row in token_rows]
     entropy = sum(unigram_entropy([t for t in s if t != EOT]) for s in samples) / len(samples)
     gen_ppl = generative_perplexity(samples, args.judge, device)
-    summary = {"gen_ppl": gen_ppl and round(gen_ppl, 3), "entropy": round(entropy, 4), "n": len(samples), "judge": args.judge,
-               "steps": args.steps, "sampler": args.sampler, "gamma": args.gamma, "scale": args.scale,
-               "s_per_sample": seconds_per_sample, "source": args.samples or args.ckpt}
+    summary = {"gen_ppl": gen_ppl and round(gen_ppl, 3), "entropy": round(entropy, 4), "n": len(samples),
+               "judge": args.judge, "steps": args.steps, "sampler": args.sampler, "gamma": args.gamma,
+               "scale": args.scale, "s_per_sample": seconds_per_sample, "source": args.samples or args.ckpt}
     print(json.dumps(summary))
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")
@@ -122,7 +122,7 @@ def trajectory(model, length, args, gen, out_dir, n_samples=2, n_rows=8, n_paths
     tokens = generate(model, n_samples, length, args.steps, args.sampler, args.gamma, args.scale, args.schedule, gen,
                       on_step=lambda t, z, x_hat: states.append((t, z[0].float().cpu(), x_hat)))
     picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
-    texts = [decode_texts(argmax_tokens(model.decode(states[i][2], w), N_VOCAB).tolist()) for i in picks]  # [row][sample]
+    texts = [decode_texts(argmax_tokens(model.decode(states[i][2], w), N_VOCAB).tolist()) for i in picks]  # [pick][k]
     rows = [(k, states[i][0], texts[j][k]) for k in range(n_samples) for j, i in enumerate(picks)]
     from matplotlib.figure import Figure
     ax = Figure(figsize=(12, 0.45 * len(rows) + 0.6)).subplots()
@@ -176,7 +176,7 @@ def main(argv=None):
     fixed.add_argument("--prompt_file", type=argparse.FileType("r"), help="the prompt, read from a file")
     fixed.add_argument("--infill", help='fixed text with blanks to fill: "Before [BLANK:12] after"')
     fixed.add_argument("--pairs", help='JSON lines of {"source": ...}: a target for each; scored against any "target"')
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the fixed text (2 passes if not 1)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale C on the fixed text")
     p.add_argument("--bench", action="store_true", help="time an untrained (or --ckpt) model on random noise")
     p.add_argument("--model", default="elf-b", choices=list(MODEL_SIZES), help="size for --bench without a checkpoint")
     p.add_argument("--bench_batches", type=int, default=3)
@@ -193,8 +193,8 @@ def main(argv=None):
     if args.samples:                                   # judge texts made earlier; no model needed
         texts = [row["text"] for row in read_rows(args.samples, "text")]
         return judge_samples([tiktoken.get_encoding("gpt2").encode_ordinary(t) for t in texts], args, None, device)
-    untrained = args.bench and not os.path.exists(args.ckpt)
-    model = (ELF(ELFConfig(**MODEL_SIZES[args.model])) if untrained else load_model(args.ckpt, args.weights)).to(device).eval()
+    size = MODEL_SIZES[args.model] if args.bench and not os.path.exists(args.ckpt) else None   # --bench: untrained
+    model = (ELF(ELFConfig(**size)) if size else load_model(args.ckpt, args.weights)).to(device).eval()
     cfg, length = model.cfg, args.length or model.cfg.block_size
     if not 1 <= length <= cfg.block_size:
         sys.exit(f"error: --length {length} is outside 1..{cfg.block_size} (the model's block_size)")
@@ -203,8 +203,7 @@ def main(argv=None):
     use_gpu = device.type == "cuda"
     denoise_fn = decode_fn = None
     if args.compile == "true" or (args.compile == "auto" and use_gpu):
-        # Sampling shapes are static, so CUDA graphs (reduce-overhead) remove the launch overhead.
-        # A CUDA graph reuses its output buffers, so each result is cloned before the next call.
+        # Static shapes: CUDA graphs (reduce-overhead) remove launch overhead; their reused outputs are cloned.
         mode = "reduce-overhead" if use_gpu else "default"
         denoise_c, decode_c = torch.compile(model.denoise, mode=mode), torch.compile(model.decode, mode=mode)
         denoise_fn = lambda *a: denoise_c(*a).clone()  # noqa: E731
@@ -226,9 +225,10 @@ def main(argv=None):
                 run(batch).cpu()                       # .cpu() waits for the GPU
             s = (time.perf_counter() - t0) / args.bench_batches
             gpu = torch.cuda.get_device_name(device) if use_gpu else None
-            return print(json.dumps(dict(bench="sample", gpu=gpu, device=str(device), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-                                         batch=batch, length=length, steps=args.steps, sampler=args.sampler,
-                                         scale=args.scale, s_per_batch=round(s, 4), sequences_per_s=round(batch / s, 2))))
+            return print(json.dumps(dict(bench="sample", gpu=gpu, device=str(device), n_layer=cfg.n_layer,
+                                         n_embd=cfg.n_embd, batch=batch, length=length, steps=args.steps,
+                                         sampler=args.sampler, scale=args.scale, s_per_batch=round(s, 4),
+                                         sequences_per_s=round(batch / s, 2))))
         t0, tokens = time.perf_counter(), []
         for start in range(0, n, batch):
             cond = condition_tensors(rows[start:start + batch], length, device) if rows else ()

@@ -126,7 +126,7 @@ def open_shard(tc, mc, split):
         raise ConfigError(f"{meta_path} says vocab_size {meta['vocab_size']}, more than the model's {mc.vocab_size}")
     paired = meta.get("pairs", False)
     if paired and meta["block_size"] != mc.block_size:
-        raise ConfigError(f"{path} holds examples of {meta['block_size']} tokens: pass --block_size={meta['block_size']}")
+        raise ConfigError(f"{path} has pairs of {meta['block_size']} tokens: pass --block_size={meta['block_size']}")
     if size // 2 < mc.block_size + (not paired):
         raise ConfigError(f"{path} has {size // 2} tokens, not more than block_size {mc.block_size}; lower --block_size")
     return path, paired
@@ -139,7 +139,7 @@ def get_batch(path, batch, block_size, generator, vocab_size, paired=False):
     starts = (torch.randint(count, (batch,), generator=generator) * unit).tolist()
     tokens = np.stack([data[s:s + block_size] for s in starts])
     if tokens.max() >= vocab_size:
-        raise ConfigError(f"{path} holds token id {tokens.max()} >= vocab_size {vocab_size}: corrupt, or another tokenizer's")
+        raise ConfigError(f"{path}: token id {tokens.max()} >= vocab_size {vocab_size}; re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
 # ----------------------------------------------------------------------------------------------
@@ -302,10 +302,10 @@ def bench(trainer, tc, mc, device):
     step_s = (time.perf_counter() - t0) / tc.bench_steps
     tokens_per_s = tc.batch_size * mc.block_size / step_s
     mfu = round(tokens_per_s * flops_per_token(mc) / peak, 4) if peak else None
-    print(json.dumps(dict(bench="train", model=tc.model, device=str(device), batch=tc.batch_size, block_size=mc.block_size,
-                          gpu=torch.cuda.get_device_name(device) if gpu else None, step_s=round(step_s, 4), mfu=mfu,
-                          tokens_per_s=round(tokens_per_s), peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2)
-                          if gpu else None)))
+    peak_mem_gb = round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None
+    print(json.dumps(dict(bench="train", model=tc.model, device=str(device), batch=tc.batch_size,
+                          block_size=mc.block_size, gpu=torch.cuda.get_device_name(device) if gpu else None,
+                          step_s=round(step_s, 4), mfu=mfu, tokens_per_s=round(tokens_per_s), peak_mem_gb=peak_mem_gb)))
 
 def main(argv=None):
     tc, mc = parse_args(sys.argv[1:] if argv is None else argv)
@@ -325,8 +325,9 @@ def main(argv=None):
     if tc.resume:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
-    log(f"model {tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters on {device}; global batch "
-        f"{tc.batch_size} = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
+    n_params = sum(p.numel() for p in trainer.params)
+    log(f"model {tc.model}: {n_params / 1e6:.2f}M parameters on {device}; global batch {tc.batch_size}"
+        f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
     # Ctrl-C / SIGTERM: finish the step, save, exit. Several processes agree on when, at log intervals.
     # Every metric as one JSON line in out_dir/log.jsonl (drawn as loss.png); a new run starts a new log.
     log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a" if tc.resume else "w", buffering=1) if master else None
