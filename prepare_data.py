@@ -95,7 +95,7 @@ def pair_examples(path, block_size, eot=50256):
     if block_size < 4:
         fail(f"--block_size {block_size} leaves no room for a source and a target: use at least 4")
     enc, rows, cut_sources, cut_targets = get_encoder(), [], 0, 0
-    pairs = read_jsonl(path, "source", "target") or fail(f'{path} has no lines {{"source": ..., "target": ...}}')
+    pairs = read_jsonl(path, "source", "target") or fail(f'{path}: missing, or no {{"source", "target"}} lines')
     for pair in pairs:
         source, target = enc.encode_ordinary(pair["source"]), enc.encode_ordinary(pair["target"])
         keep = max(block_size // 2 - 1, block_size - 2 - len(target))

@@ -63,10 +63,9 @@ def templates(args, pairs, length):
     enc = tiktoken.get_encoding("gpt2")
     if pairs:
         rows = [enc.encode_ordinary(pair["source"]) + [EOT] for pair in pairs]
-    else:                                                   # a prompt is fixed text without blanks
+    else:                                   # --prompt: text without blanks; --infill: text, n, text, n, ..., text
         text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
-        # text, n, text, n, ..., text; the space before a blank is left to its first token (BPE's " word")
-        parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
+        parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]  # a blank takes the space before it
         rows = [[t for i, p in enumerate(parts) for t in ([None] * int(p) if i % 2 else enc.encode_ordinary(p))]]
     for row in rows:
         if len(row) > length or (len(row) == length and None not in row):
@@ -157,6 +156,7 @@ def load_model(ckpt_path, weights):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")    # one line, not the whole usage
     p.add_argument("--ckpt", default="out/ckpt.pt")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--num_samples", type=int, default=4)

@@ -225,6 +225,13 @@ def test_fixed_text_without_room_is_a_clear_error(reverse_model, flag, text):
         sample.main(["--ckpt", ckpt, flag, text])
 
 
+def test_argument_errors_are_one_line(tmp_path, capsys):
+    for args in (["--prompt", "a", "--infill", "b"], ["--prompt_file", str(tmp_path / "missing.txt")], ["--cfg=x"]):
+        with pytest.raises(SystemExit, match=r"^error: argument .* \(see --help\)$"):
+            sample.main(args)
+    assert capsys.readouterr().err == ""                             # no usage dump
+
+
 def test_pairs_file_errors_are_clear(reverse_model, tmp_path):
     ckpt, _ = reverse_model
     with pytest.raises(SystemExit, match="no samples in"):
