@@ -51,6 +51,12 @@ def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, sca
     tokens = argmax_tokens(decode_fn(z, w, x_cond), N_VOCAB)  # the same network in decode mode, then argmax
     return tokens if cond is None else torch.where(cond, cond_tokens, tokens)
 
+def show(model, num_samples, steps, seed):
+    """Print a few samples of the model's full length (train.py shows some at each evaluation)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for text in decode_texts(generate(model, num_samples, model.cfg.block_size, steps, generator=gen).tolist()):
+        print("  | " + text.replace("\n", "\n  | "))
+
 def read_rows(path, key):
     """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
     return read_jsonl(path, key) or sys.exit(f'error: no samples in {path}: want JSON lines of {{"{key}": ...}}')
@@ -88,12 +94,6 @@ def score_pairs(pairs, rows, tokens):
     accuracy = sum(right) / max(sum(len(reference) for _, reference in scored), 1)
     if scored:
         print(f"exact match {exact:.1%}, token accuracy {accuracy:.1%} over {len(scored)} pairs")
-
-def show(model, num_samples, steps, seed):
-    """Print a few samples of the model's full length (train.py shows some at each evaluation)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for text in decode_texts(generate(model, num_samples, model.cfg.block_size, steps, generator=gen).tolist()):
-        print("  | " + text.replace("\n", "\n  | "))
 
 # ----------------------------------------------------------------------------------------------
 # Judging samples (ELF.md §7): entropy and generative perplexity (elf.py), always reported together.

@@ -61,8 +61,7 @@ class TrainConfig:
     bench_steps: int = 20
 
 PRESETS = {
-    # The CPU quick start: the defaults above; half its examples hold a clean prefix or spans (§6, prompts, blanks).
-    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25),
+    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25),   # the quick start: the defaults, half conditioned (§6)
     # ELF-B on OpenWebText (§4): batch 512 x 1024 as 8 micro-batches of 64, Muon lr 2e-3, constant
     # after a 0.5-epoch warm-up, 5 epochs (~95K steps), EMA 0.9999.
     "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512, grad_accum=8,
@@ -134,7 +133,6 @@ def open_shard(tc, mc, split):
 def get_batch(path, batch, block_size, generator, vocab_size, paired=False):
     # A fresh memmap per batch keeps memory flat over long runs (numpy's memmap caches pages otherwise).
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    # Paired data (prepare_data.py --pairs): whole examples only, each at a multiple of block_size.
     count, unit = (len(data) // block_size, block_size) if paired else (len(data) - block_size, 1)
     starts = (torch.randint(count, (batch,), generator=generator) * unit).tolist()
     tokens = np.stack([data[s:s + block_size] for s in starts])
@@ -256,8 +254,10 @@ class Trainer:
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
         host_gen, device_gen = micro_batch_generators(seed, it, index, self.device)
         tokens = to_device(get_tokens(host_gen), self.device)
-        eot = tokens == EOT                                     # paired data: source + end-of-text are the condition
-        cond = eot.cumsum(1) - eot.long() == 0 if self.paired else None
+        cond = None
+        if self.paired:                                         # the condition: source + end-of-text, all up to
+            eot = tokens == EOT                                 # the first end-of-text (no work for other data)
+            cond = eot.cumsum(1) - eot.long() == 0
         draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device, cond)
         with self.autocast:
             return elf_loss(model, tokens, draws)
