@@ -3,10 +3,11 @@ ELF: Embedded Language Flows, in one file.
 
 A continuous flow-matching language model: tokens become embeddings, a transformer learns to turn
 Gaussian noise into embeddings (t = 0 is noise, t = 1 is data), and at t = 1 the *same* network,
-switched to "decode" mode by its mode tokens, turns the embeddings into tokens. Section numbers
-(§) refer to ELF.md, the project's precise description of the paper (arXiv 2605.10938).
+switched to "decode" mode by its mode tokens, turns the embeddings into tokens. The paper:
+"Embedded Language Flows", arXiv 2605.10938. "README: X" in a comment names the README's section X.
 
-Read top to bottom: config -> embedding -> network -> training objective -> sampler math -> optimizer.
+Read top to bottom: config -> embedding -> network -> training objective -> sampler math -> cost
+model -> optimizer. The sampling loop and the judging of samples live in sample.py.
 """
 import math
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 @dataclass
 class ELFConfig:
-    # sizes (§3)
+    # sizes (README: The network)
     vocab_size: int = 50304       # GPT-2's 50257 tokens padded to a multiple of 64 for fast matmuls
     block_size: int = 1024        # text positions per sequence
     n_layer: int = 12
@@ -29,12 +31,12 @@ class ELFConfig:
     n_time_tokens: int = 4
     n_scale_tokens: int = 4
     dropout: float = 0.0
-    # embedding (§2)
-    embedding: str = "gaussian"   # 'gaussian' (frozen N(0,1) table) or 'learned' (trainable, normalised)
+    # embedding (README: Embeddings)
+    embedding: str = "gaussian"   # 'gaussian' (frozen N(0,1) table) or 'learned' (trainable)
     embedding_seed: int = 0       # the Gaussian table is regenerated from this seed, never stored
     latent_std: float = 1.0       # embeddings are divided by this scalar
-    # flow and objective (§1, §4)
-    prediction: str = "x"         # 'x' (x-prediction, the paper's) or 'v' (velocity prediction, ablation)
+    # flow and objective (README: The flow, Training objective)
+    prediction: str = "x"         # 'x' (x-prediction, the paper's) or 'v' (v-prediction, ablation)
     noise_scale: float = 2.0      # sigma: z_t = t x + (1 - t) sigma eps
     t_eps: float = 0.05           # velocity denominator floor: v = (x - z) / max(1 - t, t_eps)
     t_mean: float = -1.5          # training times t = sigmoid(N(t_mean, t_std))
@@ -44,19 +46,22 @@ class ELFConfig:
     decoder_lambda_mean: float = 0.8   # per-token clean fraction lambda = sigmoid(N(mean, std))
     decoder_lambda_std: float = 0.8
     self_cond_prob: float = 0.5   # 0 turns self-conditioning off
-    guidance: bool = True         # training-time self-conditioning guidance (§4); False is the ablation
+    guidance: bool = True         # training-time self-conditioning guidance; False: the ablation
     guidance_min: float = 0.5     # w range; (w + 1) is log-uniform on [1 + min, 1 + max]
     guidance_max: float = 5.0
-    # conditions (§6): per example none, a clean prefix (prompting) or clean spans (infilling)
+    # conditions (README: Conditions): per example none, a clean prefix (prompting) or clean
+    # spans (infilling)
     cond_prefix_prob: float = 0.0  # the paper's unconditional model has neither
     cond_span_prob: float = 0.0
     cond_drop_prob: float = 0.1   # classifier-free guidance: conditions dropped (zeroed) this often
 
-EOT, N_VOCAB = 50256, 50257  # GPT-2 BPE's end-of-text token and vocabulary size (vocab_size pads it)
+EOT = 50256     # GPT-2 BPE's end-of-text token
+N_VOCAB = 50257  # GPT-2 BPE's vocabulary size (vocab_size pads it)
 
-# Named sizes (§3). 'elf-cpu' is this project's own: small enough to train on a laptop CPU in minutes.
-# Its embeddings have d = 64 instead of 512; how well a noisy embedding identifies its token grows with
-# d * SNR, so both noise scales shrink by sqrt(64/512) to keep the paper's signal-to-noise per token.
+# Named sizes (README: The network). 'elf-cpu' is this project's own: small enough to train on a
+# laptop CPU in minutes. Its embeddings have d = 64 instead of 512; how well a noisy embedding
+# identifies its token grows with d * SNR, so both noise scales shrink by sqrt(64/512) to keep the
+# paper's signal-to-noise per token.
 MODEL_SIZES = {
     "elf-b": dict(n_layer=12, n_embd=768, n_head=12),
     "elf-m": dict(n_layer=24, n_embd=1056, n_head=16),
@@ -66,7 +71,8 @@ MODEL_SIZES = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# Embedding (§2): the "encoder" that turns tokens into the continuous x the flow works on.
+# Embedding (README: Embeddings): the "encoder" that turns tokens into the continuous x the flow
+# works on.
 
 class TokenEmbedding(nn.Module):
     """Token ids -> embeddings x of shape (B, L, embed_dim)."""
@@ -75,7 +81,7 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.kind, self.latent_std = cfg.embedding, cfg.latent_std
         if cfg.embedding == "gaussian":
-            # Frozen N(0, 1) table, regenerated from the seed: a buffer that is not saved (persistent=False).
+            # Frozen N(0, 1) table, regenerated from the seed: a buffer that is not saved.
             g = torch.Generator().manual_seed(cfg.embedding_seed)
             table = torch.randn(cfg.vocab_size, cfg.embed_dim, generator=g)
             self.register_buffer("table", table, persistent=False)
@@ -92,17 +98,17 @@ class TokenEmbedding(nn.Module):
         return x / self.latent_std
 
 # ----------------------------------------------------------------------------------------------
-# The network (§3): one transformer for both denoising and decoding.
+# The network (README: The network): one transformer for both denoising and decoding.
 
 def sinusoidal(values, dim=256, max_period=10000.0):
-    """Sinusoidal features of scalars (B,) -> (B, dim); values are scaled by 1000 to spread t in [0, 1]."""
+    """Sinusoidal features of scalars (B,) -> (B, dim); values times 1000 spread t in [0, 1]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
     angles = 1000.0 * values.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):
-    """cos/sin for rotary positions; the prefix tokens get the identity (no position), text gets 0..L-1."""
+    """cos/sin for rotary positions: the identity (no position) for the prefix, 0..L-1 for text."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles = torch.arange(n_text, device=device).float()[:, None] * inv_freq[None]
     angles = torch.cat([torch.zeros(n_prefix, head_dim // 2, device=device), angles])
@@ -128,7 +134,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         # Bidirectional and unpadded: no mask at all, so the flash kernel stays eligible.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 class SwiGLU(nn.Module):
@@ -146,7 +153,8 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(cfg.n_embd, eps=1e-6), nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.norm1 = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.norm2 = nn.RMSNorm(cfg.n_embd, eps=1e-6)
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
 
     def forward(self, h, cos, sin):
@@ -162,7 +170,7 @@ class ELF(nn.Module):
         self.cfg = cfg
         C, d = cfg.n_embd, cfg.embed_dim
         self.embed = TokenEmbedding(cfg)
-        # Input: concat(z, x_sc) -> d, then the bottleneck d -> 128 -> hidden (§3).
+        # Input: concat(z, x_sc) -> d, then the bottleneck d -> bottleneck_dim -> hidden.
         self.in_proj = nn.Linear(2 * d, d)
         self.bottleneck_down = nn.Linear(d, cfg.bottleneck_dim, bias=False)
         self.bottleneck_up = nn.Linear(cfg.bottleneck_dim, C)
@@ -174,8 +182,9 @@ class ELF(nn.Module):
         self.scale_mlp = nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_out = nn.RMSNorm(C, eps=1e-6)
-        self.x_head = nn.Linear(C, d)                                          # denoise: hidden -> x_hat
-        self.decode_hidden, self.decode_out = nn.Linear(C, d), nn.Linear(d, cfg.vocab_size)  # decode
+        self.x_head = nn.Linear(C, d)                     # denoise head: hidden -> x_hat
+        self.decode_hidden = nn.Linear(C, d)              # decode head: hidden -> d -> vocab
+        self.decode_out = nn.Linear(d, cfg.vocab_size)
         self.n_prefix = cfg.n_mode_tokens + cfg.n_time_tokens + cfg.n_scale_tokens
         self.reset_parameters()
 
@@ -185,35 +194,37 @@ class ELF(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        mlp_weights = [m.weight for m in [*self.time_mlp, *self.scale_mlp] if isinstance(m, nn.Linear)]
+        mlps = [*self.time_mlp, *self.scale_mlp]
+        mlp_weights = [m.weight for m in mlps if isinstance(m, nn.Linear)]
         for p in [self.mode_tokens, self.time_tokens, self.scale_tokens, *mlp_weights]:
             nn.init.normal_(p, std=0.02)
-        # Zero-initialised x_hat head: the untrained model predicts x_hat = 0, a calm starting point.
+        # Zero-initialised x_hat head: the untrained model predicts x_hat = 0, a calm start.
         nn.init.zeros_(self.x_head.weight)
         nn.init.zeros_(self.x_head.bias)
 
     def forward(self, z, t, w, x_sc, decode):
-        """z, x_sc: (B, L, d); t, w: (B,); decode: (B,) 1.0 for decode mode, 0.0 for denoise mode."""
+        """z, x_sc: (B, L, d); t, w: (B,); decode: (B,) 1.0 for decode mode, 0.0 for denoise."""
         B, L, _ = z.shape
         h = self.bottleneck_up(self.bottleneck_down(self.in_proj(torch.cat([z, x_sc], dim=-1))))
         mode = self.mode_tokens[None] * decode.to(h.dtype)[:, None, None]
         time = self.time_tokens[None] + self.time_mlp(sinusoidal(t))[:, None]
         scale = self.scale_tokens[None] + self.scale_mlp(sinusoidal(w))[:, None]
         h = torch.cat([mode.to(h.dtype), time.to(h.dtype), scale.to(h.dtype), h], dim=1)
-        cos, sin = rope_tables(self.n_prefix, L, self.cfg.n_embd // self.cfg.n_head, device=z.device)
+        head_dim = self.cfg.n_embd // self.cfg.n_head
+        cos, sin = rope_tables(self.n_prefix, L, head_dim, device=z.device)
         for block in self.blocks:
             h = block(h, cos, sin)
         return self.norm_out(h[:, self.n_prefix:])
 
     def predict_x(self, hidden, z, t):
-        """Denoise head: x_hat. For the v-prediction ablation the head's output is read as a velocity."""
+        """Denoise head: x_hat. For the v-prediction ablation the output is read as a velocity."""
         out = self.x_head(hidden)
         if self.cfg.prediction == "v":
             return z + time_denominator(t, self.cfg.t_eps) * out
         return out
 
     def decode_logits(self, hidden):
-        """Decode head (§3, code): GELU(Linear(hidden -> d)) -> Linear(d -> vocab)."""
+        """Decode head: GELU(Linear(hidden -> d)) -> Linear(d -> vocab)."""
         return self.decode_out(F.gelu(self.decode_hidden(hidden)))
 
     def denoise(self, z, t, w, x_sc):
@@ -222,13 +233,14 @@ class ELF(nn.Module):
         return self.predict_x(hidden, z, t)
 
     def decode(self, z, w, x_sc=None):
-        """Final pass (§5): decode mode at t = 1, self-conditioning input zero (but clean at condition
-        positions, §6) -> logits (B, L, vocab)."""
+        """Final pass (README: Sampling): decode mode at t = 1, self-conditioning input zero (but
+        the clean condition at condition positions) -> logits (B, L, vocab)."""
         t = torch.ones(z.size(0), device=z.device)
-        return self.decode_logits(self(z, t, w, torch.zeros_like(z) if x_sc is None else x_sc, torch.ones_like(t)))
+        x_sc = torch.zeros_like(z) if x_sc is None else x_sc
+        return self.decode_logits(self(z, t, w, x_sc, torch.ones_like(t)))
 
 # ----------------------------------------------------------------------------------------------
-# Training objective (§1, §4)
+# The flow (README: The flow): noise at t = 0, data at t = 1, and the velocity between them.
 
 def time_denominator(t, t_eps):
     """max(1 - t, t_eps), shaped (B, 1, 1) to broadcast over positions and channels."""
@@ -239,54 +251,62 @@ def velocity(x, z, t, t_eps):
     return (x - z) / time_denominator(t, t_eps)
 
 def noisy_state(x, t, eps, noise_scale):
-    """z_t = t x + (1 - t) sigma eps: t = 0 is pure noise, t = 1 is data (§1)."""
+    """z_t = t x + (1 - t) sigma eps: t = 0 is pure noise, t = 1 is data."""
     t = t[:, None, None]
     return t * x + (1 - t) * noise_scale * eps
 
 def corrupt_for_decode(x, lam, eps, decoder_noise_scale):
-    """Decode-step corruption (§4): per token z = lam x + (1 - lam) s_dec eps, so decoding is not trivial."""
+    """Decode-step corruption: per token z = lam x + (1 - lam) s_dec eps, so that decoding is not
+    trivial (README: Training objective)."""
     lam = lam[..., None]
     return lam * x + (1 - lam) * decoder_noise_scale * eps
 
+# ----------------------------------------------------------------------------------------------
+# The randomness of one training step (README: Training objective): roles, t, w, noise, conditions.
+
 def sample_guidance_scale(n, cfg, generator=None, device=None):
-    """w with (w + 1) log-uniform on [1 + guidance_min, 1 + guidance_max] (§4)."""
+    """w with (w + 1) log-uniform on [1 + guidance_min, 1 + guidance_max]."""
     lo, hi = math.log(1 + cfg.guidance_min), math.log(1 + cfg.guidance_max)
     u = torch.rand(n, generator=generator, device=device)
     return torch.exp(lo + (hi - lo) * u) - 1
 
 def draw_condition(cfg, batch, length, generator=None):
-    """Condition positions (B, L) bool, per example (§6): none, a clean prefix of random length
-    (prompting) or one to three clean spans at random places (infilling). A position is a condition
-    when an odd number of the example's cut points lie at or before it."""
+    """Condition positions (B, L) bool, per example (README: Conditions): none, a clean prefix of
+    random length (prompting) or one to three clean spans at random places (infilling). A position
+    is a condition when an odd number of the example's cut points lie at or before it."""
     kind = torch.rand(batch, generator=generator)
-    prefix, conditioned = kind < cfg.cond_prefix_prob, kind < cfg.cond_prefix_prob + cfg.cond_span_prob
+    prefix = kind < cfg.cond_prefix_prob
+    conditioned = kind < cfg.cond_prefix_prob + cfg.cond_span_prob
     cuts = torch.randint(0, length + 1, (batch, 6), generator=generator)
-    n_cuts = 2 * torch.randint(1, 4, (batch, 1), generator=generator)     # two per clean span
-    cuts[prefix, 0], n_cuts[prefix] = 0, 2                                # a prefix: one span from 0
-    cuts[(torch.arange(6) >= n_cuts) | ~conditioned[:, None]] = length    # cut points at `length` do nothing
+    n_cuts = 2 * torch.randint(1, 4, (batch, 1), generator=generator)   # two per clean span
+    cuts[prefix, 0], n_cuts[prefix] = 0, 2                              # a prefix: one span from 0
+    cuts[(torch.arange(6) >= n_cuts) | ~conditioned[:, None]] = length  # cuts at `length`: no-ops
     return (torch.arange(length)[None, :, None] >= cuts[:, None]).sum(-1) % 2 == 1
 
 @dataclass
 class Draws:
     """All randomness of one training step. Rows are split into three blocks: [0, n_self_cond) are
     self-conditioned denoise examples, [n_self_cond, B - n_decode) plain denoise examples and the
-    last n_decode decode examples. Windows are drawn i.i.d., so roles by block with binomial counts
-    are the same distribution as a coin per example, and every sub-batch is a slice (no host sync)."""
+    last n_decode decode examples. Windows are drawn i.i.d., so roles by block with binomial
+    counts are the same distribution as a coin per example, and every sub-batch is a slice (no
+    host sync)."""
     n_self_cond: int
     n_decode: int
     t: torch.Tensor      # (B,) times, 1 for decode rows
     w: torch.Tensor      # (B,) guidance scales
     eps: torch.Tensor    # (B, L, d) noise
     lam: torch.Tensor    # (B, L) clean fraction of the decode corruption
-    cond: torch.Tensor = None   # (B, L) bool: clean condition positions (§6); None: unconditional
-    drop: torch.Tensor = None   # (B,) bool: the examples whose condition is dropped (classifier-free guidance)
+    cond: torch.Tensor = None   # (B, L) bool: clean condition positions; None: unconditional
+    drop: torch.Tensor = None   # (B,) bool: the examples whose condition is dropped (for CFG)
 
-def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None, cond=None):
+def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None,
+                        cond=None):
     """Draw the roles, times and scales of one step on the host (small, and the block sizes must be
     known there), and the large noise tensors on the device. Two generators make it reproducible.
     cond: the data's own condition positions (paired data); else they are drawn from the mixture."""
     n_decode = int((torch.rand(batch, generator=generator) < cfg.decoder_prob).sum())
-    n_self_cond = int((torch.rand(batch - n_decode, generator=generator) < cfg.self_cond_prob).sum())
+    coins = torch.rand(batch - n_decode, generator=generator)
+    n_self_cond = int((coins < cfg.self_cond_prob).sum())
     t = torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(batch, generator=generator))
     t[batch - n_decode:] = 1.0
     w = sample_guidance_scale(batch, cfg, generator)
@@ -295,8 +315,11 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     eps = torch.randn(batch, length, cfg.embed_dim, generator=device_generator, device=device)
     if cond is None and cfg.cond_prefix_prob + cfg.cond_span_prob > 0:
         cond = to_device(draw_condition(cfg, batch, length, generator), device)
-    drop = None if cond is None else to_device(torch.rand(batch, generator=generator) < cfg.cond_drop_prob, device)
-    return Draws(n_self_cond, n_decode, to_device(t, device), to_device(w, device), eps, lam, cond, drop)
+    drop = None
+    if cond is not None:
+        drop = to_device(torch.rand(batch, generator=generator) < cfg.cond_drop_prob, device)
+    t, w = to_device(t, device), to_device(w, device)
+    return Draws(n_self_cond, n_decode, t, w, eps, lam, cond, drop)
 
 def to_device(tensor, device):
     """Host -> device copy that does not wait for the GPU: from pinned memory a CUDA copy is async,
@@ -306,74 +329,130 @@ def to_device(tensor, device):
     return tensor.to(device)
 
 def micro_batch_generators(seed, it, index, device):
-    """Host and device generators for micro-batch `index` of step `it`. Data windows and noise depend on
-    (seed, it, index) alone, so a resumed run draws exactly what an uninterrupted one would, and any
-    split of a step's micro-batches over processes draws what one process would."""
+    """Host and device generators for micro-batch `index` of step `it`. Data windows and noise
+    depend on (seed, it, index) alone, so a resumed run draws exactly what an uninterrupted one
+    would, and any split of a step's micro-batches over processes draws what one process would."""
     s = (seed * 1_000_003 + it) * 4099 + index
     return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
 
-def guided_target(v, v_cond, v_uncond, w):
-    """Training-time self-conditioning guidance (§4): v + (1 - 1/w)(v_cond - v_uncond), no gradient."""
-    return v + (1 - 1 / w)[:, None, None] * (v_cond - v_uncond)
+# ----------------------------------------------------------------------------------------------
+# Training objective (README: Training objective). Per example it is four lines:
+#
+#     z      = t x + (1 - t) sigma eps      (decode examples: t = 1 and z = x, corrupted per token)
+#     x_sc   = stopgrad(f(z, t, w, 0))      (self-conditioned examples; 0 for the others)
+#     hidden = f(z, t, w, x_sc)
+#     loss   = |v(x_hat(hidden)) - v_target|^2  or, decode examples, CE(logits(hidden), tokens)
+#
+# elf_loss below is exactly these four lines, one helper each. Around them, set apart:
+# - efficiency: rows are packed in blocks by role (Draws), so the no-grad pass runs on the
+#   self-conditioned rows only, the decode head on the decode rows only, and guidance's v_sc is
+#   read off the main pass instead of costing a third pass;
+# - conditions (README: Conditions): clean positions held in the inputs and left out of the loss.
+
+def guided_target(v, v_sc, v_no_sc, w):
+    """Training-time self-conditioning guidance (README: Self-conditioning and guidance): the target
+    v + (1 - 1/w)(v_sc - v_no_sc), v_sc/v_no_sc the predictions with/without x_sc. No gradient."""
+    return v + (1 - 1 / w)[:, None, None] * (v_sc - v_no_sc)
+
+def model_inputs(model, x, draws):
+    """Line 1: z for every row, the noisy state z_t on the denoise rows and the per-token corruption
+    of the clean embeddings on the decode rows; and the mode of each row (1.0: decode)."""
+    cfg, d = model.cfg, draws
+    n_den = x.size(0) - d.n_decode
+    z_den = noisy_state(x[:n_den], d.t[:n_den], d.eps[:n_den], cfg.noise_scale)
+    z_dec = corrupt_for_decode(x[n_den:], d.lam[n_den:], d.eps[n_den:], cfg.decoder_noise_scale)
+    decode = (torch.arange(x.size(0), device=x.device) >= n_den).float()
+    return torch.cat([z_den, z_dec]), decode
+
+def condition_positions(x, draws):
+    """(B, L) bool: the condition positions of the batch; all False for an unconditional batch."""
+    if draws.cond is None:
+        return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    return draws.cond
+
+def hold_condition(z, cond, x_cond):
+    """Condition positions hold their clean embedding x_cond, whatever the flow did there (in
+    training and at every sampling step). cond None: no conditions."""
+    return z if cond is None else torch.where(cond[..., None], x_cond, z)
+
+def apply_conditions(x, z, draws):
+    """Conditions only (README: Conditions). Condition positions show their clean embedding in z
+    and in x_sc at every t, and are out of the loss; where classifier-free guidance drops an
+    example's condition they show zeros instead. Returns (z, x_cond, in_loss): x_cond, the clean
+    embeddings at shown condition positions and zeros elsewhere, is also every row's x_sc before
+    self-conditioning. Without conditions: z unchanged, x_cond = 0, in_loss = 1."""
+    cond = condition_positions(x, draws)
+    shown = cond if draws.drop is None else cond & ~draws.drop[:, None]
+    x_cond = torch.where(shown[..., None], x, 0.0)
+    return hold_condition(z, cond, x_cond), x_cond, (~cond).float()
+
+def self_condition(model, z, x_cond, decode, draws):
+    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows [0, n_self_cond), and
+    x_cond (zero but for conditions) on the others. Efficiency: the no-grad pass runs on those rows
+    only. Returns (x_sc, x_no_sc), x_no_sc being that pass's prediction (None without it)."""
+    n_sc, d = draws.n_self_cond, draws
+    if n_sc == 0:
+        return x_cond, None
+    with torch.no_grad():
+        z_sc, t_sc = z[:n_sc], d.t[:n_sc]
+        x_no_sc = model.predict_x(model(z_sc, t_sc, d.w[:n_sc], x_cond[:n_sc], decode[:n_sc]),
+                                  z_sc, t_sc)
+    cond = condition_positions(x_cond, d)[:n_sc]
+    x_sc_rows = hold_condition(x_no_sc.to(z.dtype), cond, x_cond[:n_sc])
+    return torch.cat([x_sc_rows, x_cond[n_sc:]]), x_no_sc
+
+def denoise_loss(model, hidden, x, z, x_no_sc, in_loss, draws):
+    """Line 4, denoise rows [0, B - n_decode): the sum over their loss tokens of the velocity MSE
+    (mean over channels) against v = (x - z) / (1 - t), guided on the self-conditioned rows."""
+    cfg, d = model.cfg, draws
+    n_den, n_sc = x.size(0) - d.n_decode, d.n_self_cond
+    z_den, t_den = z[:n_den], d.t[:n_den]
+    x_hat = model.predict_x(hidden[:n_den], z_den, t_den).float()
+    v_hat = velocity(x_hat, z_den, t_den, cfg.t_eps)
+    target = velocity(x[:n_den], z_den, t_den, cfg.t_eps)
+    if n_sc > 0 and cfg.guidance:
+        v_no_sc = velocity(x_no_sc.float(), z[:n_sc], d.t[:n_sc], cfg.t_eps)
+        # Efficiency: v_sc, the prediction with x_sc = x_no_sc, is the main pass's own output on
+        # these rows (same inputs, dropout 0): the detached v_hat, not a third pass.
+        v_sc = v_hat[:n_sc].detach()
+        target = torch.cat([guided_target(target[:n_sc], v_sc, v_no_sc, d.w[:n_sc]), target[n_sc:]])
+    return ((v_hat - target).pow(2).mean(-1) * in_loss[:n_den]).sum()
+
+def decode_loss(model, hidden, tokens, in_loss, n_decode):
+    """Line 4, decode rows (the last n_decode): the sum over their loss tokens of the cross-entropy,
+    in fp32. Efficiency: the decode head (the vocabulary-sized matmul) runs on these rows only."""
+    n_den = tokens.size(0) - n_decode
+    logits = model.decode_logits(hidden[n_den:]).flatten(0, 1).float()
+    ce = F.cross_entropy(logits, tokens[n_den:].flatten(), reduction="none")
+    return (ce * in_loss[n_den:].flatten()).sum()
 
 def elf_loss(model, tokens, draws):
-    """The ELF objective for one mixed batch (§4). Returns (loss, mse, ce): loss is (sum of decode-token
-    CE + sum of denoise-token velocity MSE) / number of tokens in the loss (all but conditions, §6);
+    """The ELF objective for one mixed batch. Returns (loss, mse, ce): loss is (sum of decode-token
+    CE + sum of denoise-token velocity MSE) / number of tokens in the loss (all but conditions);
     mse and ce are the means over their own tokens.
 
-    Cost: one no-grad forward on the self-conditioned rows only, then one forward+backward. The
-    no-grad pass gives x_sc and v_uncond; the main pass's detached output *is* v_cond (dropout 0)."""
-    cfg, d = model.cfg, draws
-    B, L = tokens.shape
-    n_den, n_sc = B - d.n_decode, d.n_self_cond
+    Cost: one no-grad forward on the self-conditioned rows only, then one forward+backward."""
+    d, n_den = draws, tokens.size(0) - draws.n_decode
     x = model.embed(tokens)
-    # Inputs: noisy z_t for denoise rows, token-corrupted clean embeddings for decode rows.
-    z = torch.cat([noisy_state(x[:n_den], d.t[:n_den], d.eps[:n_den], cfg.noise_scale),
-                   corrupt_for_decode(x[n_den:], d.lam[n_den:], d.eps[n_den:], cfg.decoder_noise_scale)])
-    decode = (torch.arange(B, device=tokens.device) >= n_den).float()
-    # Conditions (§6): clean embeddings in z and in x_sc at every t, out of the loss. Where classifier-
-    # free guidance drops an example's condition, its positions hold zeros instead.
-    cond = torch.zeros_like(tokens, dtype=torch.bool) if d.cond is None else d.cond
-    shown = cond if d.drop is None else cond & ~d.drop[:, None]
-    x_cond = torch.where(shown[..., None], x, 0.0)
-    z = torch.where(cond[..., None], x_cond, z)
-    in_loss = (~cond).float()
-    # Self-conditioning: x_sc = stopgrad(f(z, t, x_sc = 0)) on the self-conditioned rows, 0 elsewhere (but
-    # the condition, as above, at condition positions).
-    x_sc = x_cond
-    if n_sc > 0:
-        with torch.no_grad():
-            z_sc, t_sc, w_sc = z[:n_sc], d.t[:n_sc], d.w[:n_sc]
-            x_uncond = model.predict_x(model(z_sc, t_sc, w_sc, x_cond[:n_sc], decode[:n_sc]), z_sc, t_sc)
-        x_sc = torch.cat([torch.where(cond[:n_sc, :, None], x_cond[:n_sc], x_uncond.to(z.dtype)), x_cond[n_sc:]])
-    hidden = model(z, d.t, d.w, x_sc, decode)
-    # Denoising loss on the first n_den rows: velocity MSE against the (guided) target.
-    loss_sum = mse = ce = z.new_zeros(())
+    z, decode = model_inputs(model, x, d)                           # line 1
+    z, x_cond, in_loss = apply_conditions(x, z, d)                  # conditions only
+    x_sc, x_no_sc = self_condition(model, z, x_cond, decode, d)     # line 2
+    hidden = model(z, d.t, d.w, x_sc, decode)                       # line 3: the one with gradients
+    mse_sum = ce_sum = z.new_zeros(())                              # line 4: the loss sums
     if n_den > 0:
-        z_den, t_den = z[:n_den], d.t[:n_den]
-        x_hat = model.predict_x(hidden[:n_den], z_den, t_den).float()
-        v_hat = velocity(x_hat, z_den, t_den, cfg.t_eps)
-        target = velocity(x[:n_den], z_den, t_den, cfg.t_eps)
-        if n_sc > 0 and cfg.guidance:
-            v_uncond = velocity(x_uncond.float(), z[:n_sc], d.t[:n_sc], cfg.t_eps)
-            guided = guided_target(target[:n_sc], v_hat[:n_sc].detach(), v_uncond, d.w[:n_sc])
-            target = torch.cat([guided, target[n_sc:]])
-        mse_sum = ((v_hat - target).pow(2).mean(-1) * in_loss[:n_den]).sum()
-        loss_sum, mse = loss_sum + mse_sum, mse_sum / in_loss[:n_den].sum().clamp(min=1)
-    # Decode loss on the last n_decode rows: cross-entropy of the logits (computed only there) in fp32.
+        mse_sum = denoise_loss(model, hidden, x, z, x_no_sc, in_loss, d)
     if d.n_decode > 0:
-        logits = model.decode_logits(hidden[n_den:])
-        ce_per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens[n_den:].flatten(), reduction="none")
-        ce_sum = (ce_per_token * in_loss[n_den:].flatten()).sum()
-        loss_sum, ce = loss_sum + ce_sum, ce_sum / in_loss[n_den:].sum().clamp(min=1)
-    return loss_sum / in_loss.sum().clamp(min=1), mse, ce
+        ce_sum = decode_loss(model, hidden, tokens, in_loss, d.n_decode)
+    mse = mse_sum / in_loss[:n_den].sum().clamp(min=1)
+    ce = ce_sum / in_loss[n_den:].sum().clamp(min=1)
+    return (mse_sum + ce_sum) / in_loss.sum().clamp(min=1), mse, ce
 
 # ----------------------------------------------------------------------------------------------
-# Sampler math (§5). The loop that uses these lives in sample.py.
+# Sampler math (README: Sampling). The loop that uses these lives in sample.py.
 
 def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
-    """t_0 = 0 < ... < t_N = 1. 'uniform', or 'logit_normal': N - 1 sorted draws of the training-time
-    distribution between the endpoints (more steps where training put its effort)."""
+    """t_0 = 0 < ... < t_N = 1. 'uniform', or 'logit_normal': N - 1 sorted draws of the training-
+    time distribution between the endpoints (more steps where training put its effort)."""
     if schedule == "uniform":
         return torch.linspace(0, 1, steps + 1)
     if schedule != "logit_normal":
@@ -384,9 +463,9 @@ def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
     return torch.cat([torch.zeros(1), inner, torch.ones(1)])
 
 def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
-    """One step from t to t_next with churn gamma (§5); gamma = 0 is the plain Euler ODE step.
-    Churn first moves back to t_b = alpha t by re-noising, then an Euler step goes from t_b to t_next.
-    denoise_fn(z, t_batch, x_sc) -> x_hat. Returns (z_next, x_hat), x_hat feeding the next step's x_sc."""
+    """One step from t to t_next with churn gamma; gamma = 0 is the plain Euler ODE step. Churn
+    first moves back to t_b = alpha t by re-noising, then an Euler step goes from t_b to t_next.
+    denoise_fn(z, t_batch, x_sc) -> x_hat. Returns (z_next, x_hat), x_hat feeding the next x_sc."""
     alpha = min(max(1.0 - gamma * (t_next - t), 0.0), 1.0)
     t_b = alpha * t
     z_b = alpha * z + (1 - alpha) * cfg.noise_scale * noise if alpha < 1 else z
@@ -395,15 +474,11 @@ def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
     v_hat = velocity(x_hat, z_b, t_batch, cfg.t_eps)
     return z_b + (t_next - t_b) * v_hat, x_hat
 
-def hold_condition(z, cond, x_cond):
-    """Condition positions (§6) hold their clean embedding x_cond, whatever the flow did there."""
-    return z if cond is None else torch.where(cond[..., None], x_cond, z)
-
 def conditioned(denoise_fn, cond, x_cond, cfg_scale=1.0):
-    """denoise_fn(z, t, x_sc) -> x_hat for conditional sampling (§6): the condition is held clean in both
-    inputs. Classifier-free guidance (cfg_scale c != 1) adds a pass with the condition dropped (zeros,
-    as in training) and returns x_u + c (x_c - x_u); both passes share z at the generated positions,
-    so its velocity is v_u + c (v_c - v_u)."""
+    """denoise_fn(z, t, x_sc) -> x_hat for conditional sampling (README: Conditions): the condition
+    is held clean in both inputs. Classifier-free guidance (cfg_scale c != 1) adds a pass with the
+    condition dropped (zeros, as in training) and returns x_u + c (x_c - x_u); both passes share z
+    at the generated positions, so its velocity is v_u + c (v_c - v_u)."""
     def denoise(z, t, x_sc):
         x_c = denoise_fn(hold_condition(z, cond, x_cond), t, hold_condition(x_sc, cond, x_cond))
         if cond is None or cfg_scale == 1:
@@ -413,47 +488,8 @@ def conditioned(denoise_fn, cond, x_cond, cfg_scale=1.0):
     return denoise
 
 def argmax_tokens(logits, n_vocab=None):
-    """Final decode (§5): the most likely token per position, ignoring the vocabulary's padding rows."""
+    """Final decode: the most likely token per position, ignoring the vocabulary's padding rows."""
     return logits[..., :n_vocab].argmax(-1)
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation (§7): a diffusion LM has no simple perplexity; samples are judged by these two numbers.
-
-def cut_at_eot(row):
-    """A sample's tokens up to its first end-of-text token, which is kept (ELF.md §7 scores it once)."""
-    return row[:row.index(EOT) + 1] if EOT in row else row
-
-def unigram_entropy(tokens):
-    """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
-    counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
-    p = counts / counts.sum()
-    return float(-(p * p.log()).sum()) if len(tokens) else 0.0
-
-@torch.no_grad()
-def pooled_nll(judge, samples, bos=EOT):
-    """(sum of the judge's token NLL over all samples, number of tokens scored). Each sample is scored
-    after a BOS token (GPT-2's is end-of-text), up to the judge's context length."""
-    device, n_ctx = next(judge.parameters()).device, judge.config.n_positions
-    total, count = 0.0, 0
-    for tokens in samples:
-        ids = torch.tensor([([bos] + list(tokens))[:n_ctx]], device=device)
-        logp = judge(ids).logits[0, :-1].float().log_softmax(-1)
-        total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
-        count += ids.size(1) - 1
-    return total, count
-
-def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
-    """exp(pooled NLL) of the samples under a causal LM from `transformers` (an optional dependency), or
-    None, with a one-line reason, when it is not installed or the judge's weights cannot be loaded."""
-    try:
-        from transformers import AutoModelForCausalLM
-        judge = AutoModelForCausalLM.from_pretrained(judge_name).to(device).eval()
-    except ImportError:
-        return print("no generative perplexity: the judge needs `pip install transformers`; entropy only")
-    except Exception as e:
-        return print(f"no generative perplexity: cannot load judge {judge_name!r} ({type(e).__name__}); entropy only")
-    total, count = pooled_nll(judge, samples)
-    return math.exp(total / max(count, 1))
 
 # ----------------------------------------------------------------------------------------------
 # Cost model, for the MFU that train.py logs.
@@ -465,8 +501,10 @@ def flops_per_token(mc):
     C, L, d = mc.n_embd, mc.block_size, mc.embed_dim
     T = L + mc.n_mode_tokens + mc.n_time_tokens + mc.n_scale_tokens
     inner = int(2 / 3 * 4 * C)
-    per_layer = 2 * (C * 3 * C + C * C + 3 * C * inner) * T / L + 4 * T * C * T / L  # matmuls + attention
-    trunk = mc.n_layer * per_layer + 2 * (2 * d * d + d * mc.bottleneck_dim + mc.bottleneck_dim * C + C * d)
+    matmuls = 2 * (C * 3 * C + C * C + 3 * C * inner) * T / L
+    attention = 4 * T * C * T / L
+    inputs = 2 * (2 * d * d + d * mc.bottleneck_dim + mc.bottleneck_dim * C + C * d)
+    trunk = mc.n_layer * (matmuls + attention) + inputs
     head = 2 * (C * d + d * mc.vocab_size)
     share_sc = (1 - mc.decoder_prob) * mc.self_cond_prob
     return 3 * trunk + share_sc * trunk + mc.decoder_prob * 3 * head
@@ -479,14 +517,18 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer (§4): Muon for the transformer's 2-D weight matrices, AdamW for everything else.
+# Optimizer (README: Training objective): Muon for the transformer's 2-D weight matrices, AdamW
+# for everything else.
 
-def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95), adam_lr=None):
+def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95),
+                         adam_lr=None):
     """Returns a list of optimizers to step together. Muon orthogonalises updates of hidden 2-D
-    matrices; embeddings, heads, norms, biases and learned tokens go to AdamW (Muon takes 2-D only)."""
+    matrices; embeddings, heads, norms, biases and learned tokens go to AdamW (Muon takes 2-D only).
+    fused: one kernel launch for all of AdamW's tensors."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
-        return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=params[0].is_cuda)]
+        return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                  fused=params[0].is_cuda)]
     if optimizer != "muon":
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'muon' or 'adamw'")
     hidden = {id(p) for n, p in model.blocks.named_parameters() if p.dim() == 2}
@@ -494,4 +536,4 @@ def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, bet
     adam = [p for p in params if id(p) not in hidden]
     return [torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="original"),
             torch.optim.AdamW(adam, lr=adam_lr or lr, betas=betas, weight_decay=weight_decay,
-                              fused=adam[0].is_cuda)]   # fused: one kernel launch for all tensors
+                              fused=adam[0].is_cuda)]

@@ -1,138 +1,226 @@
 """
-Sample from a trained ELF model: integrate the flow from noise (t = 0) to embeddings (t = 1) with the
-SDE (or ODE) sampler, then one decode-mode pass and an argmax per position (§5). Fixed text (a prompt,
-the text around blanks, a source) is held clean while the rest is generated (§6).
+Sample from a trained ELF model: the flow from noise to embeddings, then the decode-mode pass and an
+argmax (README: Sampling); fixed text (a prompt, blanks, a source) is held (README: Conditions).
 
     python sample.py                                  # 4 samples from out/ckpt.pt (EMA weights)
-    python sample.py --prompt "ROMEO:" --cfg=2        # continue a prompt (or --prompt_file=FILE)
-    python sample.py --infill "KING: [BLANK:12] my lord."   # fill the blanks between fixed text
-    python sample.py --pairs val.jsonl --steps=64 --sampler=ode --scale=1 --cfg=2   # a target per source
-    python sample.py --eval                           # + entropy and generative perplexity (GPT-2 Large)
+    python sample.py --prompt "ROMEO:" --cfg_scale=2  # continue a prompt (or --prompt_file=FILE)
+    python sample.py --infill "KING: [BLANK:12] my lord."     # fill the blanks between fixed text
+    python sample.py --pairs val.jsonl --steps=64 --sampler=ode --scale=1 --cfg_scale=2
+    python sample.py --eval                           # + entropy and generative perplexity
     python sample.py --trajectory                     # pictures of the flow: trajectory*.png
     python sample.py --bench --model=elf-b            # random init, prints sequences/s as JSON
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
 import time
+from dataclasses import asdict, dataclass
 
-import tiktoken
 import torch
 
-from prepare_data import decode_texts, read_jsonl
-from elf import (ELF, EOT, ELFConfig, MODEL_SIZES, N_VOCAB, argmax_tokens, conditioned, cut_at_eot,
-                 generative_perplexity, hold_condition, sde_step, time_grid, unigram_entropy)
+import elf
+from elf import ELF, EOT, MODEL_SIZES, N_VOCAB, ELFConfig
+from prepare_data import decode_texts, get_encoder, read_jsonl  # GPT-2's BPE, both ways
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How the flow is integrated (README: Sampling); the defaults are the paper's."""
+    steps: int = 32                 # integration steps from noise (t = 0) to data (t = 1)
+    sampler: str = "sde"            # 'sde' (churn gamma, but a plain last step) or 'ode' (Euler)
+    gamma: float = 1.5              # SDE churn: how far each step first moves back by re-noising
+    scale: float = 3.0              # self-conditioning guidance scale w, an input of the network
+    schedule: str = "logit_normal"  # the time grid: 'logit_normal' (training's times) or 'uniform'
+    cfg_scale: float = 1.0          # classifier-free guidance on the fixed text; 1: off
+
+# ----------------------------------------------------------------------------------------------
+# Generating: the loop (the math of each step is elf.py's), in batches
 
 @torch.no_grad()
-def generate(model, num_samples, length, steps=32, sampler="sde", gamma=1.5, scale=3.0, schedule="logit_normal",
-             generator=None, denoise_fn=None, decode_fn=None, on_step=None, cond=None, cond_tokens=None, cfg_scale=1.0):
-    """Token ids (num_samples, length). denoise_fn/decode_fn default to the model's own methods;
-    sample.py passes compiled versions of them on the GPU. on_step(t_next, z, x_hat) sees every step.
-    cond (num_samples, length) bool marks positions held at cond_tokens (§6); cfg_scale is its guidance."""
+def generate(model, num_samples, length, settings=SamplerConfig(), generator=None, cond=None,
+             cond_tokens=None, denoise_fn=None, decode_fn=None, on_step=None):
+    """Token ids (num_samples, length); cond: the positions held at cond_tokens (both that shape).
+    denoise_fn/decode_fn: compiled passes, or the model's; on_step(t_next, z, x_hat): each step."""
     cfg, device = model.cfg, next(model.parameters()).device
     denoise_fn, decode_fn = denoise_fn or model.denoise, decode_fn or model.decode
-    w = torch.full((num_samples,), float(scale), device=device)
-    grid = time_grid(steps, schedule, cfg, generator).tolist()  # floats on the host: no syncs in the loop
-    randn = lambda: torch.randn(num_samples, length, cfg.embed_dim, generator=generator, device=device)  # noqa: E731
-    z = cfg.noise_scale * randn()                      # start from pure noise at t = 0
-    x_prev = torch.zeros_like(z)                       # self-conditioning input starts at zero
-    x_cond = torch.zeros_like(z) if cond is None else torch.where(cond[..., None], model.embed(cond_tokens), 0.0)
-    step_fn = conditioned(lambda z_, t_, xs: denoise_fn(z_, t_, w, xs), cond, x_cond, cfg_scale)
-    for i in range(steps):
-        # SDE steps with churn gamma, except the last step, always an ODE step onto t = 1.
-        g = gamma if sampler == "sde" and i < steps - 1 else 0.0
-        noise = randn() if g > 0 else None
-        z, x_prev = sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], g, noise, cfg)
-        z, x_prev = hold_condition(z, cond, x_cond), x_prev.to(z.dtype)   # conditions: restored after each step
+    w = torch.full((num_samples,), float(settings.scale), device=device)
+    grid = elf.time_grid(settings.steps, settings.schedule, cfg, generator).tolist()  # no syncs
+    shape = (num_samples, length, cfg.embed_dim)
+    z = cfg.noise_scale * torch.randn(shape, generator=generator, device=device)  # t = 0: noise
+    x_prev = torch.zeros_like(z)                     # the self-conditioning input starts at zero
+    x_cond = (torch.zeros_like(z) if cond is None     # the fixed text's clean embeddings
+              else torch.where(cond[..., None], model.embed(cond_tokens), 0.0))
+    denoise_w = lambda z_, t_, x_sc: denoise_fn(z_, t_, w, x_sc)  # noqa: E731
+    step_fn = elf.conditioned(denoise_w, cond, x_cond, settings.cfg_scale)
+    for i in range(settings.steps):
+        # SDE steps with churn gamma, except the last step: always an ODE step onto t = 1.
+        gamma = settings.gamma if settings.sampler == "sde" and i < settings.steps - 1 else 0.0
+        noise = torch.randn(shape, generator=generator, device=device) if gamma > 0 else None
+        z, x_prev = elf.sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], gamma, noise, cfg)
+        z = elf.hold_condition(z, cond, x_cond)      # conditions: restored after each step
+        x_prev = x_prev.to(z.dtype)
         if on_step:
             on_step(grid[i + 1], z, x_prev)
-    tokens = argmax_tokens(decode_fn(z, w, x_cond), N_VOCAB)  # the same network in decode mode, then argmax
+    tokens = elf.argmax_tokens(decode_fn(z, w, x_cond), N_VOCAB)  # the same network, decoding
     return tokens if cond is None else torch.where(cond, cond_tokens, tokens)
+
+def generate_all(model, rows, n, length, settings, batch_size, generator, passes):
+    """n samples (lists of token ids), batch_size at a time; rows: their templates, or None."""
+    tokens = []
+    for start in range(0, n, batch_size):
+        k = min(batch_size, n - start)
+        cond = condition_tensors(rows[start:start + k], length, generator.device) if rows else ()
+        tokens += generate(model, k, length, settings, generator, *cond, **passes).tolist()
+    return tokens
 
 def show(model, num_samples, steps, seed):
     """Print a few samples of the model's full length (train.py shows some at each evaluation)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for text in decode_texts(generate(model, num_samples, model.cfg.block_size, steps, generator=gen).tolist()):
+    tokens = generate(model, num_samples, model.cfg.block_size, SamplerConfig(steps=steps), gen)
+    for text in decode_texts(tokens.tolist()):
         print("  | " + text.replace("\n", "\n  | "))
+
+def compiled_passes(model, compile_flag, device):
+    """generate's denoise_fn/decode_fn compiled, if asked ('auto': on CUDA). CUDA graphs (mode
+    reduce-overhead) remove launch overhead; a graph's next run overwrites its outputs: clones."""
+    use_gpu = device.type == "cuda"
+    if compile_flag == "false" or (compile_flag == "auto" and not use_gpu):
+        return {}
+    mode = "reduce-overhead" if use_gpu else "default"
+    denoise, decode = (torch.compile(f, mode=mode) for f in (model.denoise, model.decode))
+    return dict(denoise_fn=lambda *a: denoise(*a).clone(), decode_fn=lambda *a: decode(*a).clone())
+
+# ----------------------------------------------------------------------------------------------
+# Fixed text in (README: Conditions), samples out
 
 def read_rows(path, key):
     """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
-    return read_jsonl(path, key) or sys.exit(f'error: no samples in {path}: want JSON lines of {{"{key}": ...}}')
-
-# ----------------------------------------------------------------------------------------------
-# Conditions (§6): prompts, blanks, sources become templates, a token id where fixed and None where generated.
+    return read_jsonl(path, key) or sys.exit(f"error: no samples in {path}: want JSON lines of "
+                                              f'{{"{key}": ...}}')
 
 def templates(args, pairs, length):
-    """--pairs: a source and its end-of-text each; --infill: "text [BLANK:n] text ..."; --prompt(_file)."""
-    enc = tiktoken.get_encoding("gpt2")
+    """A row per sample: token ids where the text is fixed, None (and all past the row) generated.
+    --pairs: source + end-of-text; --infill "text [BLANK:n] text": n Nones a blank; --prompt."""
+    enc = get_encoder()
     if pairs:
         rows = [enc.encode_ordinary(pair["source"]) + [EOT] for pair in pairs]
-    else:                                   # --prompt: text without blanks; --infill: text, n, text, n, ..., text
+    else:
         text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
-        parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]  # a blank takes the space before it
-        rows = [[t for i, p in enumerate(parts) for t in ([None] * int(p) if i % 2 else enc.encode_ordinary(p))]]
+        # --infill: text, n, text, n, ..., text; a blank takes the space before it.
+        parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
+        rows = [[t for i, part in enumerate(parts)
+                 for t in ([None] * int(part) if i % 2 else enc.encode_ordinary(part))]]
     for row in rows:
         if len(row) > length or (len(row) == length and None not in row):
-            sys.exit(f"error: the fixed text takes {len(row)} of {length} tokens (--length or block_size): shorten it")
+            sys.exit(f"error: the fixed text takes {len(row)} of {length} tokens "
+                     "(--length or block_size): shorten it")
     return rows if pairs else rows * args.num_samples
 
 def condition_tensors(rows, length, device):
-    """(cond, cond_tokens), each (len(rows), length): which positions are fixed, and their token ids."""
-    ids = torch.tensor([[-1 if t is None else t for t in r] + [-1] * (length - len(r)) for r in rows], device=device)
-    return ids >= 0, ids.clamp(min=0)                                 # -1 marks the generated positions
+    """(cond, cond_tokens), each (len(rows), length): which positions are fixed, their token ids."""
+    padded = [[-1 if t is None else t for t in row] + [-1] * (length - len(row)) for row in rows]
+    ids = torch.tensor(padded, device=device)         # -1 marks the generated positions
+    return ids >= 0, ids.clamp(min=0)
 
-def score_pairs(pairs, rows, tokens):
-    """Print the exact match and token accuracy of the generated targets, where the pairs hold a reference
-    "target": its tokens and end-of-text, position by position after the source's end-of-text."""
-    enc = tiktoken.get_encoding("gpt2")
-    scored = [(out[len(row):], enc.encode_ordinary(pair["target"]) + [EOT])
-              for pair, row, out in zip(pairs, rows, tokens) if isinstance(pair.get("target"), str)]
-    right = [sum(a == b for a, b in zip(generated, reference)) for generated, reference in scored]
-    exact = sum(r == len(reference) for r, (_, reference) in zip(right, scored)) / max(len(scored), 1)
-    accuracy = sum(right) / max(sum(len(reference) for _, reference in scored), 1)
-    if scored:
-        print(f"exact match {exact:.1%}, token accuracy {accuracy:.1%} over {len(scored)} pairs")
+def write_samples(tokens, rows, pairs, path):
+    """Print the samples and write them as JSON lines {"text"} (--pairs: the pair, "text" its
+    generated target)."""
+    generated = [row[len(template):] for row, template in zip(tokens, rows)] if pairs else tokens
+    with open(path, "w") as f:
+        for i, text in enumerate(decode_texts(generated)):
+            print(f"--- sample {i} ---\n{text}")
+            f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
 
 # ----------------------------------------------------------------------------------------------
-# Judging samples (ELF.md §7): entropy and generative perplexity (elf.py), always reported together.
+# Judging samples (README: Judging samples): a diffusion LM has no simple perplexity; samples are
+# judged by entropy and generative perplexity together. Pairs: by their reference targets.
 
-def judge_samples(token_rows, args, seconds_per_sample, device):
-    """Print and append to the results file one JSON line: gen_ppl, entropy and the sampling settings."""
+def cut_at_eot(row):
+    """A sample's tokens up to its first end-of-text token, which is kept (it is scored once)."""
+    return row[:row.index(EOT) + 1] if EOT in row else row
+
+def unigram_entropy(tokens):
+    """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
+    counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum()) if len(tokens) else 0.0
+
+@torch.no_grad()
+def pooled_nll(judge, samples, bos=EOT):
+    """(token NLL summed over the samples, tokens scored); each after a BOS, cut to the context."""
+    device, n_ctx = next(judge.parameters()).device, judge.config.n_positions
+    total, count = 0.0, 0
+    for tokens in samples:
+        ids = torch.tensor([([bos] + list(tokens))[:n_ctx]], device=device)
+        logp = judge(ids).logits[0, :-1].float().log_softmax(-1)
+        total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += ids.size(1) - 1
+    return total, count
+
+def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
+    """exp(pooled NLL) under a causal LM of `transformers` (optional), or None and a reason."""
+    try:
+        from transformers import AutoModelForCausalLM
+        judge = AutoModelForCausalLM.from_pretrained(judge_name).to(device).eval()
+    except ImportError:
+        return print("no generative perplexity (it needs `pip install transformers`): entropy only")
+    except Exception as e:
+        return print(f"no generative perplexity: no judge {judge_name!r} ({type(e).__name__})")
+    total, count = pooled_nll(judge, samples)
+    return math.exp(total / max(count, 1))
+
+def judge_samples(token_rows, args, settings, seconds_per_sample, device):
+    """Print, and append to the results file, one JSON line: gen_ppl, entropy and the settings."""
     samples = [cut_at_eot(row) for row in token_rows]
     entropy = sum(unigram_entropy([t for t in s if t != EOT]) for s in samples) / len(samples)
     gen_ppl = generative_perplexity(samples, args.judge, device)
-    summary = {"gen_ppl": gen_ppl and round(gen_ppl, 3), "entropy": round(entropy, 4), "n": len(samples),
-               "judge": args.judge, "steps": args.steps, "sampler": args.sampler, "gamma": args.gamma,
-               "scale": args.scale, "s_per_sample": seconds_per_sample, "source": args.samples or args.ckpt}
+    summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4),
+                   n=len(samples), judge=args.judge, **asdict(settings),
+                   s_per_sample=seconds_per_sample, source=args.samples or args.ckpt)
     print(json.dumps(summary))
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")
 
+def score_pairs(pairs, rows, tokens):
+    """Exact match and token accuracy of the targets against the pairs' "target"s (if any)."""
+    enc = get_encoder()
+    scored = [(out[len(row):], enc.encode_ordinary(pair["target"]) + [EOT])
+              for pair, row, out in zip(pairs, rows, tokens) if isinstance(pair.get("target"), str)]
+    right = [sum(a == b for a, b in zip(generated, ref)) for generated, ref in scored]
+    exact = sum(r == len(ref) for r, (_, ref) in zip(right, scored)) / max(len(scored), 1)
+    accuracy = sum(right) / max(sum(len(ref) for _, ref in scored), 1)
+    if scored:
+        print(f"exact match {exact:.1%}, token accuracy {accuracy:.1%} over {len(scored)} pairs")
+
 # ----------------------------------------------------------------------------------------------
-# Pictures (matplotlib's Figure: files only, no display or global state; imported only when drawing).
+# The command line: load, templates, generate in batches, write, judge; or --trajectory, --bench
 
 @torch.no_grad()
-def trajectory(model, length, args, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
-    """What the flow does: x_hat decoded to text (decode mode at t = 1 on x_hat) at a few steps of a few
-    samples, and the paths of some positions' z_t in a 2-D PCA of embedding space, labelled with their tokens."""
-    states, w = [], torch.full((n_samples,), args.scale, device=gen.device)
-    tokens = generate(model, n_samples, length, args.steps, args.sampler, args.gamma, args.scale, args.schedule, gen,
+def trajectory(model, length, settings, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
+    """What the flow does: x_hat decoded at a few steps, and z_t's paths in a 2-D PCA (pictures)."""
+    from matplotlib.figure import Figure  # files only, no display; imported when drawing
+    states = []                                      # (t, z of sample 0, x_hat) after each step
+    tokens = generate(model, n_samples, length, settings, gen,
                       on_step=lambda t, z, x_hat: states.append((t, z[0].float().cpu(), x_hat)))
+    w = torch.full((n_samples,), settings.scale, device=gen.device)
     picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
-    texts = [decode_texts(argmax_tokens(model.decode(states[i][2], w), N_VOCAB).tolist()) for i in picks]  # [pick][k]
-    rows = [(k, states[i][0], texts[j][k]) for k in range(n_samples) for j, i in enumerate(picks)]
-    from matplotlib.figure import Figure
-    ax = Figure(figsize=(12, 0.45 * len(rows) + 0.6)).subplots()
-    for y, (k, t, text) in enumerate(rows):
+    decoded = [elf.argmax_tokens(model.decode(states[i][2], w), N_VOCAB).tolist() for i in picks]
+    texts = [decode_texts(samples) for samples in decoded]   # [pick][sample]
+    lines = [(k, states[i][0], texts[j][k]) for k in range(n_samples) for j, i in enumerate(picks)]
+    ax = Figure(figsize=(12, 0.45 * len(lines) + 0.6)).subplots()
+    for y, (k, t, text) in enumerate(lines):
         print(f"sample {k}, t = {t:.3f} | {text!r}")
-        ax.text(0, len(rows) - y, f"{k}: t = {t:.2f}   {text[:105]!r}", family="monospace", fontsize=8, va="center")
-    ax.set_axis_off(), ax.set(ylim=(0.3, len(rows) + 0.7), title="x_hat decoded along the flow: noise (top) to text")
+        ax.text(0, len(lines) - y, f"{k}: t = {t:.2f}   {text[:105]!r}", family="monospace",
+                fontsize=8, va="center")
+    ax.set_axis_off()
+    ax.set(ylim=(0.3, len(lines) + 0.7), title="x_hat decoded along the flow: noise (top) to text")
     ax.figure.savefig(os.path.join(out_dir, "trajectory.png"), dpi=90, bbox_inches="tight")
     paths = torch.stack([z[:n_paths] for _, z, _ in states])          # (steps, positions, d)
     paths = paths - paths.flatten(0, 1).mean(0)
-    xy = paths @ torch.linalg.svd(paths.flatten(0, 1), full_matrices=False)[2][:2].T  # top-2 principal axes
+    xy = paths @ torch.linalg.svd(paths.flatten(0, 1), full_matrices=False)[2][:2].T  # top-2 axes
     ax = Figure(figsize=(6, 5)).subplots()
     for p, label in enumerate(decode_texts(tokens[0, :n_paths, None].tolist())):
         ax.plot(xy[:, p, 0], xy[:, p, 1], marker=".", alpha=0.7)
@@ -141,110 +229,117 @@ def trajectory(model, length, args, gen, out_dir, n_samples=2, n_rows=8, n_paths
     ax.figure.savefig(os.path.join(out_dir, "trajectory_pca.png"), dpi=90, bbox_inches="tight")
     print(f"wrote {out_dir}/trajectory.png and trajectory_pca.png")
 
-def load_model(ckpt_path, weights):
-    """ELF model from a train.py checkpoint, or a clear error saying what is wrong."""
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"error: no checkpoint at {ckpt_path}: train one with `python train.py` or pass --ckpt")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model = ELF(ELFConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt[weights])
-    except Exception as e:
-        sys.exit(f"error: {ckpt_path} is not a compatible ELF checkpoint ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:120]})")
-    return model
+def bench(model, length, settings, args, gen, passes):
+    """One warm-up batch (compilation, CUDA graphs), then timed batches; prints one JSON line."""
+    for i in range(args.bench_batches + 1):
+        if i == 1:
+            t0 = time.perf_counter()                 # the clock starts after the warm-up batch
+        generate_all(model, None, args.batch_size, length, settings, args.batch_size, gen, passes)
+    s = (time.perf_counter() - t0) / args.bench_batches
+    gpu = torch.cuda.get_device_name(gen.device) if gen.device.type == "cuda" else None
+    print(json.dumps(dict(bench="sample", gpu=gpu, device=str(gen.device), **asdict(settings),
+                          n_layer=model.cfg.n_layer, n_embd=model.cfg.n_embd, length=length,
+                          batch=args.batch_size, s_per_batch=round(s, 4),
+                          sequences_per_s=round(args.batch_size / s, 2))))
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: sys.exit(f"error: {message} (see --help)")    # one line, not the whole usage
+def load(args, device):
+    """(model, sample length) of a train.py checkpoint (--bench without one: an untrained model)."""
+    if args.bench and not os.path.exists(args.ckpt):
+        model = ELF(ELFConfig(**MODEL_SIZES[args.model]))
+    elif not os.path.exists(args.ckpt):
+        sys.exit(f"error: no checkpoint at {args.ckpt}: train one (python train.py) or pass --ckpt")
+    else:
+        try:
+            ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+            model = ELF(ELFConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt[args.weights])
+        except Exception as e:
+            sys.exit(f"error: {args.ckpt} is not a compatible ELF checkpoint ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:120]})")
+    length, block_size = args.length or model.cfg.block_size, model.cfg.block_size
+    if length > block_size:
+        sys.exit(f"error: --length {length} is outside 1..{block_size} (the model's block_size)")
+    return model.to(device).eval(), length
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")   # one line, no usage
     p.add_argument("--ckpt", default="out/ckpt.pt")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: block_size)")
+    p.add_argument("--length", type=int, help="tokens per sample (default: block_size)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--sampler", default="sde", choices=["sde", "ode"])
     p.add_argument("--gamma", type=float, default=1.5, help="SDE churn")
-    p.add_argument("--scale", type=float, default=3.0, help="self-conditioning guidance scale w")
+    p.add_argument("--scale", type=float, default=3.0, help="self-conditioning guidance w")
     p.add_argument("--schedule", default="logit_normal", choices=["logit_normal", "uniform"])
+    p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON lines output (default: next to the checkpoint)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON lines output (default: next to the checkpoint)")
+    p.add_argument("--device", default="auto", help="'auto' picks cuda, then mps, then cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     fixed = p.add_mutually_exclusive_group()
     fixed.add_argument("--prompt", help="text that every sample starts with and continues")
-    fixed.add_argument("--prompt_file", type=argparse.FileType("r"), help="the prompt, read from a file")
+    fixed.add_argument("--prompt_file", type=argparse.FileType("r"), help="the prompt, from a file")
     fixed.add_argument("--infill", help='fixed text with blanks to fill: "Before [BLANK:12] after"')
-    fixed.add_argument("--pairs", help='JSON lines of {"source": ...}: a target for each; scored against any "target"')
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale C on the fixed text")
-    p.add_argument("--bench", action="store_true", help="time an untrained (or --ckpt) model on random noise")
-    p.add_argument("--model", default="elf-b", choices=list(MODEL_SIZES), help="size for --bench without a checkpoint")
+    fixed.add_argument("--pairs", help='JSON lines {"source": ...}: a target for each (scored)')
+    p.add_argument("--bench", action="store_true", help="time an untrained (or --ckpt) model")
+    p.add_argument("--model", default="elf-b", choices=list(MODEL_SIZES), help="--bench size")
     p.add_argument("--bench_batches", type=int, default=3)
     p.add_argument("--eval", action="store_true", help="report entropy and generative perplexity")
-    p.add_argument("--samples", default=None, help="with --eval: judge the texts of this JSON-lines file")
-    p.add_argument("--judge", default="gpt2-large", help="causal LM (transformers) for generative perplexity")
-    p.add_argument("--results", default=None, help="JSON lines the --eval summary is appended to")
-    p.add_argument("--trajectory", action="store_true", help="draw trajectory.png and trajectory_pca.png")
+    p.add_argument("--samples", help="with --eval: judge the texts of this JSON-lines file")
+    p.add_argument("--judge", default="gpt2-large", help="causal LM (transformers) for gen. PPL")
+    p.add_argument("--results", help="JSON lines the --eval summary is appended to")
+    p.add_argument("--trajectory", action="store_true", help="draw trajectory*.png")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.num_samples < 1:
-        sys.exit("error: --steps and --num_samples must be at least 1")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    args.results = args.results or os.path.join(os.path.dirname(args.samples or args.ckpt) or ".", "results.jsonl")
-    if args.samples:                                   # judge texts made earlier; no model needed
-        texts = [row["text"] for row in read_rows(args.samples, "text")]
-        return judge_samples([tiktoken.get_encoding("gpt2").encode_ordinary(t) for t in texts], args, None, device)
-    size = MODEL_SIZES[args.model] if args.bench and not os.path.exists(args.ckpt) else None   # --bench: untrained
-    model = (ELF(ELFConfig(**size)) if size else load_model(args.ckpt, args.weights)).to(device).eval()
-    cfg, length = model.cfg, args.length or model.cfg.block_size
-    if not 1 <= length <= cfg.block_size:
-        sys.exit(f"error: --length {length} is outside 1..{cfg.block_size} (the model's block_size)")
+    for name in ("num_samples", "batch_size", "length", "steps", "bench_batches"):   # counts
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("gamma", "scale", "cfg_scale"):    # scales: finite and non-negative (NaN fails)
+        if not 0 <= getattr(args, name) < math.inf:
+            p.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    return args
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    mps = torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = SamplerConfig(**{k: getattr(args, k) for k in asdict(SamplerConfig())})
+    device = pick_device(args.device)
+    out_dir = os.path.dirname(args.samples or args.ckpt) or "."
+    args.results = args.results or os.path.join(out_dir, "results.jsonl")
+    if args.samples:                                 # judge texts made earlier: no model needed
+        tokens = [get_encoder().encode_ordinary(r["text"]) for r in read_rows(args.samples, "text")]
+        return judge_samples(tokens, args, settings, None, device)
+    model, length = load(args, device)
     pairs = read_rows(args.pairs, "source") if args.pairs else None
-    rows = templates(args, pairs, length) if pairs or args.infill or args.prompt or args.prompt_file else None
-    use_gpu = device.type == "cuda"
-    denoise_fn = decode_fn = None
-    if args.compile == "true" or (args.compile == "auto" and use_gpu):
-        # Static shapes: CUDA graphs (reduce-overhead) remove launch overhead; their reused outputs are cloned.
-        mode = "reduce-overhead" if use_gpu else "default"
-        denoise_c, decode_c = torch.compile(model.denoise, mode=mode), torch.compile(model.decode, mode=mode)
-        denoise_fn = lambda *a: denoise_c(*a).clone()  # noqa: E731
-        decode_fn = lambda *a: decode_c(*a).clone()  # noqa: E731
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    fixed = pairs or args.infill or args.prompt or args.prompt_file
+    rows = templates(args, pairs, length) if fixed else None
     n = len(rows) if pairs else args.num_samples
-    batch = args.batch_size if args.bench else min(args.batch_size, n)
-    run = lambda k, cond=None, cond_tokens=None: generate(  # noqa: E731
-        model, k, length, args.steps, args.sampler, args.gamma, args.scale, args.schedule, gen, denoise_fn, decode_fn,
-        cond=cond, cond_tokens=cond_tokens, cfg_scale=args.cfg)
-    with autocast:
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    passes = compiled_passes(model, args.compile, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if args.trajectory:
-            return trajectory(model, length, args, gen, os.path.dirname(args.ckpt) or ".")
-        if args.bench:                                 # one warm-up batch (compilation, CUDA graphs), then timed ones
-            for i in range(args.bench_batches + 1):
-                if i == 1:                             # the clock starts after the warm-up batch
-                    t0 = time.perf_counter()
-                run(batch).cpu()                       # .cpu() waits for the GPU
-            s = (time.perf_counter() - t0) / args.bench_batches
-            gpu = torch.cuda.get_device_name(device) if use_gpu else None
-            return print(json.dumps(dict(bench="sample", gpu=gpu, device=str(device), n_layer=cfg.n_layer,
-                                         n_embd=cfg.n_embd, batch=batch, length=length, steps=args.steps,
-                                         sampler=args.sampler, scale=args.scale, s_per_batch=round(s, 4),
-                                         sequences_per_s=round(batch / s, 2))))
-        t0, tokens = time.perf_counter(), []
-        for start in range(0, n, batch):
-            cond = condition_tensors(rows[start:start + batch], length, device) if rows else ()
-            tokens += run(min(batch, n - start), *cond).tolist()
+            return trajectory(model, length, settings, gen, out_dir)
+        if args.bench:
+            return bench(model, length, settings, args, gen, passes)
+        t0 = time.perf_counter()
+        batch_size = min(args.batch_size, n)
+        tokens = generate_all(model, rows, n, length, settings, batch_size, gen, passes)
         seconds = time.perf_counter() - t0
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "samples.jsonl")
-    texts = decode_texts([row[len(t):] for row, t in zip(tokens, rows)] if pairs else tokens)  # pairs: the targets
-    with open(out, "w") as f:
-        for i, text in enumerate(texts):
-            print(f"--- sample {i} ---\n{text}")
-            f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
+    out = args.out or os.path.join(out_dir, "samples.jsonl")
+    write_samples(tokens, rows, pairs, out)
     if pairs:
         score_pairs(pairs, rows, tokens)
     print(f"{n} samples in {seconds:.1f} s ({seconds / n:.3f} s per sample); written to {out}")
     if args.eval:
-        judge_samples(tokens, args, round(seconds / n, 4), device)
+        judge_samples(tokens, args, settings, round(seconds / n, 4), device)
 
 if __name__ == "__main__":
     main()

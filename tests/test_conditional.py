@@ -1,4 +1,4 @@
-"""Conditional ELF (ELF.md §6): condition masks, their loss and inputs, classifier-free guidance, the sampler
+"""Conditional ELF (README: Conditions): condition masks, their loss and inputs, classifier-free guidance, the sampler
 holding the condition, paired data, and --prompt / --infill / --pairs end to end."""
 import json
 import random
@@ -141,8 +141,9 @@ def test_sampler_holds_the_condition_at_every_step(cfg_scale):
     def check(t, z, x_hat):
         steps.append(t)
         assert torch.equal(z[cond], x_cond[cond])
-    tokens = sample.generate(model, 3, 8, steps=6, generator=torch.Generator().manual_seed(1), on_step=check,
-                             cond=cond, cond_tokens=cond_tokens, cfg_scale=cfg_scale)
+    settings = sample.SamplerConfig(steps=6, cfg_scale=cfg_scale)
+    tokens = sample.generate(model, 3, 8, settings, generator=torch.Generator().manual_seed(1),
+                             on_step=check, cond=cond, cond_tokens=cond_tokens)
     assert len(steps) == 6 and steps[-1] == 1.0
     assert torch.equal(tokens[cond], cond_tokens[cond])
 
@@ -160,7 +161,7 @@ def test_prepare_pairs_builds_fixed_length_examples(tmp_path, capsys):
     val_rows = np.fromfile(tmp_path / "data" / "p" / "val.bin", dtype=np.uint16).reshape(-1, 8).tolist()
     meta = json.loads((tmp_path / "data" / "p" / "meta.json").read_text())
     assert len(train_rows) == 3 and len(val_rows) == 1 and meta["pairs"] and meta["block_size"] == 8
-    enc = sample.tiktoken.get_encoding("gpt2")
+    enc = prepare_data.get_encoder()
     red_cat, cat_red, sun = enc.encode_ordinary("red cat"), enc.encode_ordinary("cat red"), enc.encode_ordinary("sun")
     assert train_rows[0] == red_cat + [EOT] + cat_red + [EOT] * 3    # source, end-of-text, target, padding
     assert train_rows[1][5:] == [EOT] + sun + [EOT]                   # the long source gives way to the target
@@ -194,7 +195,7 @@ def reverse_model(tmp_path_factory):
 def test_pairs_end_to_end(reverse_model, tmp_path, capsys, cfg_scale):
     ckpt, pairs = reverse_model
     out = str(tmp_path / "targets.jsonl")
-    sample.main(["--ckpt", ckpt, "--pairs", pairs, f"--cfg={cfg_scale}", f"--out={out}", "--steps=16",
+    sample.main(["--ckpt", ckpt, "--pairs", pairs, f"--cfg_scale={cfg_scale}", f"--out={out}", "--steps=16",
                  "--sampler=ode", "--scale=1"])
     assert "exact match 100.0%, token accuracy 100.0% over 6 pairs" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(out)]
@@ -208,7 +209,7 @@ def test_prompt_and_infill_keep_the_fixed_text(reverse_model, tmp_path):
     for prompt in (["--prompt", "red cat"], ["--prompt_file", str(tmp_path / "prompt.txt")]):
         sample.main(["--ckpt", ckpt, *prompt, "--num_samples=2", f"--out={out}"])
         assert all(json.loads(line)["text"].startswith("red cat") for line in open(out))
-    enc = sample.tiktoken.get_encoding("gpt2")
+    enc = prepare_data.get_encoder()
     args = sample.argparse.Namespace(pairs=None, infill="red [BLANK:2] sun", prompt=None, prompt_file=None,
                                      num_samples=1)
     assert sample.templates(args, None, 10) == [enc.encode_ordinary("red") + [None, None] + enc.encode_ordinary(" sun")]
@@ -226,7 +227,7 @@ def test_fixed_text_without_room_is_a_clear_error(reverse_model, flag, text):
 
 
 def test_argument_errors_are_one_line(tmp_path, capsys):
-    for args in (["--prompt", "a", "--infill", "b"], ["--prompt_file", str(tmp_path / "missing.txt")], ["--cfg=x"]):
+    for args in (["--prompt", "a", "--infill", "b"], ["--prompt_file", str(tmp_path / "missing.txt")], ["--cfg_scale=x"]):
         with pytest.raises(SystemExit, match=r"^error: argument .* \(see --help\)$"):
             sample.main(args)
     assert capsys.readouterr().err == ""                             # no usage dump

@@ -1,11 +1,11 @@
-"""Judging samples (ELF.md §7): unigram entropy, the pooled NLL of generative perplexity, sample.py --eval."""
+"""Judging samples (README: Judging samples): unigram entropy, the pooled NLL of generative perplexity,
+sample.py --eval."""
 import json
 import math
 
 import pytest
 import torch
 
-import elf
 import sample
 
 
@@ -26,7 +26,7 @@ def test_pooled_nll_by_hand():
     config = transformers.GPT2Config(vocab_size=50257, n_positions=6, n_embd=16, n_layer=1, n_head=2)
     judge = transformers.GPT2LMHeadModel(config).eval()
     samples = [[5, 6, sample.EOT], [9, 8, 7, 6, 5, 4, 3]]          # the second is longer than the context
-    total, count = elf.pooled_nll(judge, samples)
+    total, count = sample.pooled_nll(judge, samples)
     expected, n = 0.0, 0
     for tokens in samples:
         ids = ([sample.EOT] + tokens)[:6]                            # BOS, then at most the context

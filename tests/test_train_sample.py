@@ -231,3 +231,15 @@ def test_bad_shards_are_clear_errors(tmp_path):
     (folder / "meta.json").write_text(json.dumps({"dtype": "int32"}))
     with pytest.raises(train.ConfigError, match="not a uint16 token shard"):
         train.main(base)
+
+
+@pytest.mark.parametrize("bad, flag", [("--batch_size=0", "--batch_size"), ("--num_samples=-2", "--num_samples"),
+                                       ("--steps=0", "--steps"), ("--length=0", "--length"),
+                                       ("--bench_batches=0", "--bench_batches"), ("--cfg_scale=nan", "--cfg_scale"),
+                                       ("--gamma=-1", "--gamma"), ("--scale=inf", "--scale")])
+def test_sample_arguments_out_of_range_are_one_line_errors(bad, flag, capsys):
+    """Checked before anything is loaded: counts at least 1, scales finite and non-negative."""
+    with pytest.raises(SystemExit, match=rf"^error: {flag} must be (at least 1|a finite number >= 0), got .* "
+                                         r"\(see --help\)$"):
+        sample.main([bad, "--ckpt=surely/missing.pt"])
+    assert capsys.readouterr().err == ""
