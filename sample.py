@@ -8,7 +8,6 @@ argmax (README: Sampling); fixed text (a prompt, blanks, a source) is held (READ
     python sample.py --pairs val.jsonl --steps=64 --sampler=ode --scale=1 --cfg_scale=2
     python sample.py --eval                           # + entropy and generative perplexity
     python sample.py --trajectory                     # pictures of the flow: trajectory*.png
-    python sample.py --bench --model=elf-b            # random init, prints sequences/s as JSON
 """
 import argparse
 import json
@@ -55,8 +54,7 @@ def generate(model, num_samples, length, settings=SamplerConfig(), generator=Non
               else torch.where(cond[..., None], model.embed(cond_tokens), 0.0))
     denoise_w = lambda z_, t_, x_sc: denoise_fn(z_, t_, w, x_sc)  # noqa: E731
     step_fn = elf.conditioned(denoise_w, cond, x_cond, settings.cfg_scale)
-    for i in range(settings.steps):
-        # SDE steps with churn gamma, except the last step: always an ODE step onto t = 1.
+    for i in range(settings.steps):       # SDE steps with churn, the last an ODE step onto t = 1
         gamma = settings.gamma if settings.sampler == "sde" and i < settings.steps - 1 else 0.0
         noise = torch.randn(shape, generator=generator, device=device) if gamma > 0 else None
         z, x_prev = elf.sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], gamma, noise, cfg)
@@ -94,49 +92,7 @@ def compiled_passes(model, compile_flag, device):
     return dict(denoise_fn=lambda *a: denoise(*a).clone(), decode_fn=lambda *a: decode(*a).clone())
 
 # ----------------------------------------------------------------------------------------------
-# Fixed text in (README: Conditions), samples out
-
-def read_rows(path, key):
-    """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
-    return read_jsonl(path, key) or sys.exit(f"error: no samples in {path}: want JSON lines of "
-                                              f'{{"{key}": ...}}')
-
-def templates(args, pairs, length):
-    """A row per sample: token ids where the text is fixed, None (and all past the row) generated.
-    --pairs: source + end-of-text; --infill "text [BLANK:n] text": n Nones a blank; --prompt."""
-    enc = get_encoder()
-    if pairs:
-        rows = [enc.encode_ordinary(pair["source"]) + [EOT] for pair in pairs]
-    else:
-        text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
-        # --infill: text, n, text, n, ..., text; a blank takes the space before it.
-        parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
-        rows = [[t for i, part in enumerate(parts)
-                 for t in ([None] * int(part) if i % 2 else enc.encode_ordinary(part))]]
-    for row in rows:
-        if len(row) > length or (len(row) == length and None not in row):
-            sys.exit(f"error: the fixed text takes {len(row)} of {length} tokens "
-                     "(--length or block_size): shorten it")
-    return rows if pairs else rows * args.num_samples
-
-def condition_tensors(rows, length, device):
-    """(cond, cond_tokens), each (len(rows), length): which positions are fixed, their token ids."""
-    padded = [[-1 if t is None else t for t in row] + [-1] * (length - len(row)) for row in rows]
-    ids = torch.tensor(padded, device=device)         # -1 marks the generated positions
-    return ids >= 0, ids.clamp(min=0)
-
-def write_samples(tokens, rows, pairs, path):
-    """Print the samples and write them as JSON lines {"text"} (--pairs: the pair, "text" its
-    generated target)."""
-    generated = [row[len(template):] for row, template in zip(tokens, rows)] if pairs else tokens
-    with open(path, "w") as f:
-        for i, text in enumerate(decode_texts(generated)):
-            print(f"--- sample {i} ---\n{text}")
-            f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
-
-# ----------------------------------------------------------------------------------------------
-# Judging samples (README: Judging samples): a diffusion LM has no simple perplexity; samples are
-# judged by entropy and generative perplexity together. Pairs: by their reference targets.
+# Judging samples (README: Judging samples): entropy and generative perplexity; pairs' targets
 
 def cut_at_eot(row):
     """A sample's tokens up to its first end-of-text token, which is kept (it is scored once)."""
@@ -186,8 +142,7 @@ def judge_samples(token_rows, args, settings, seconds_per_sample, device):
 
 def score_pairs(pairs, rows, tokens):
     """Exact match and token accuracy of the targets against the pairs' "target"s (if any)."""
-    enc = get_encoder()
-    scored = [(out[len(row):], enc.encode_ordinary(pair["target"]) + [EOT])
+    scored = [(out[len(row):], get_encoder().encode_ordinary(pair["target"]) + [EOT])
               for pair, row, out in zip(pairs, rows, tokens) if isinstance(pair.get("target"), str)]
     right = [sum(a == b for a, b in zip(generated, ref)) for generated, ref in scored]
     exact = sum(r == len(ref) for r, (_, ref) in zip(right, scored)) / max(len(scored), 1)
@@ -198,7 +153,6 @@ def score_pairs(pairs, rows, tokens):
 # ----------------------------------------------------------------------------------------------
 # The command line: load, templates, generate in batches, write, judge; or --trajectory, --bench
 
-@torch.no_grad()
 def trajectory(model, length, settings, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
     """What the flow does: x_hat decoded at a few steps, and z_t's paths in a 2-D PCA (pictures)."""
     from matplotlib.figure import Figure  # files only, no display; imported when drawing
@@ -261,6 +215,41 @@ def load(args, device):
         sys.exit(f"error: --length {length} is outside 1..{block_size} (the model's block_size)")
     return model.to(device).eval(), length
 
+def read_rows(path, key):
+    """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
+    return read_jsonl(path, key) or sys.exit(f'error: no samples in {path}: want {{"{key}": ...}}')
+
+def templates(args, pairs, length):
+    """A row per sample: token ids where the text is fixed, None (and all past the row) generated:
+    --pairs' sources + end-of-text, --prompt, or --infill "a [BLANK:n] b" (n Nones each)."""
+    enc = get_encoder()
+    if pairs:
+        rows = [enc.encode_ordinary(pair["source"]) + [EOT] for pair in pairs]
+    else:
+        text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
+        parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
+        rows = [[t for i, part in enumerate(parts)
+                 for t in ([None] * int(part) if i % 2 else enc.encode_ordinary(part))]]
+    for row in rows:
+        if len(row) > length or (len(row) == length and None not in row):
+            sys.exit(f"error: the fixed text takes {len(row)} of {length} tokens "
+                     "(--length or block_size): shorten it")
+    return rows if pairs else rows * args.num_samples
+
+def condition_tensors(rows, length, device):
+    """(cond, cond_tokens), each (len(rows), length): which positions are fixed, their token ids."""
+    padded = [[-1 if t is None else t for t in row] + [-1] * (length - len(row)) for row in rows]
+    ids = torch.tensor(padded, device=device)         # -1 marks the generated positions
+    return ids >= 0, ids.clamp(min=0)
+
+def write_samples(tokens, rows, pairs, path):
+    """Print the samples and write them as JSON lines {"text"} (--pairs: + the pair's fields)."""
+    generated = [row[len(template):] for row, template in zip(tokens, rows)] if pairs else tokens
+    with open(path, "w") as f:
+        for i, text in enumerate(decode_texts(generated)):
+            print(f"--- sample {i} ---\n{text}")
+            f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,16 +291,12 @@ def parse_args(argv):
             p.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     return args
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    mps = torch.backends.mps.is_available()
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-
 def main(argv=None):
     args = parse_args(argv)
     settings = SamplerConfig(**{k: getattr(args, k) for k in asdict(SamplerConfig())})
-    device = pick_device(args.device)
+    mps = torch.backends.mps.is_available()          # 'auto': cuda, then mps, then cpu
+    auto = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     out_dir = os.path.dirname(args.samples or args.ckpt) or "."
     args.results = args.results or os.path.join(out_dir, "results.jsonl")
     if args.samples:                                 # judge texts made earlier: no model needed
@@ -324,14 +309,14 @@ def main(argv=None):
     n = len(rows) if pairs else args.num_samples
     gen = torch.Generator(device=device).manual_seed(args.seed)
     passes = compiled_passes(model, args.compile, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast, torch.no_grad():
         if args.trajectory:
             return trajectory(model, length, settings, gen, out_dir)
         if args.bench:
             return bench(model, length, settings, args, gen, passes)
         t0 = time.perf_counter()
-        batch_size = min(args.batch_size, n)
-        tokens = generate_all(model, rows, n, length, settings, batch_size, gen, passes)
+        tokens = generate_all(model, rows, n, length, settings, args.batch_size, gen, passes)
         seconds = time.perf_counter() - t0
     out = args.out or os.path.join(out_dir, "samples.jsonl")
     write_samples(tokens, rows, pairs, out)

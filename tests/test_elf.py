@@ -1,21 +1,33 @@
-"""The model and the math of elf.py: shapes, initialisation, the objective against hand computations and
-against a straightforward reference, and the sampler's time grid and steps."""
+"""The model and the math of elf.py: shapes, initialisation, the objective against hand computations
+and against a straightforward reference, and the sampler's time grid and steps."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from elf import (ELF, ELFConfig, Draws, configure_optimizers, draw_training_noise, elf_loss, sde_step,
-                 time_grid, velocity)
+from elf import (
+    ELF,
+    Draws,
+    ELFConfig,
+    configure_optimizers,
+    draw_training_noise,
+    elf_loss,
+    sde_step,
+    time_grid,
+    velocity,
+)
 
-TINY = dict(vocab_size=128, block_size=8, n_layer=2, n_head=2, n_embd=32, embed_dim=16, bottleneck_dim=8)
+TINY = dict(
+    vocab_size=128, block_size=8, n_layer=2, n_head=2, n_embd=32, embed_dim=16, bottleneck_dim=8
+)
 
 
 def tiny_model(**overrides):
     torch.manual_seed(0)
     model = ELF(ELFConfig(**{**TINY, **overrides}))
-    # Give the zero-initialised x_hat head some weights so that the objective's parts are non-trivial.
+    # Give the zero-initialised x_hat head some weights: the objective's parts are non-trivial.
     torch.nn.init.normal_(model.x_head.weight, std=0.2)
     return model
 
@@ -35,7 +47,9 @@ def test_shapes():
 def test_x_head_is_zero_initialised():
     model = ELF(ELFConfig(**TINY))
     z = torch.randn(2, 8, 16)
-    assert torch.equal(model.denoise(z, torch.rand(2), torch.ones(2), torch.zeros_like(z)), torch.zeros_like(z))
+    assert torch.equal(
+        model.denoise(z, torch.rand(2), torch.ones(2), torch.zeros_like(z)), torch.zeros_like(z)
+    )
 
 
 def test_gaussian_table_from_seed_and_not_stored():
@@ -43,7 +57,7 @@ def test_gaussian_table_from_seed_and_not_stored():
     assert torch.equal(a.embed.table, b.embed.table)
     assert not torch.equal(a.embed.table, c.embed.table)
     assert not a.embed.table.requires_grad
-    assert not any("table" in k for k in a.state_dict())          # regenerated, never saved
+    assert not any("table" in k for k in a.state_dict())  # regenerated, never saved
     assert abs(a.embed.table.std().item() - 1.0) < 0.05
 
 
@@ -51,7 +65,7 @@ def test_learned_embedding_is_trainable_and_normalised():
     model = ELF(ELFConfig(**TINY, embedding="learned"))
     assert model.embed.table.requires_grad
     with torch.no_grad():
-        model.embed.table.mul_(1e-3)                                  # try to collapse it
+        model.embed.table.mul_(1e-3)  # try to collapse it
     x = model.embed(torch.arange(10)[None])
     assert torch.allclose(x.pow(2).mean(-1), torch.ones(1, 10), atol=1e-3)
 
@@ -83,34 +97,43 @@ class LinearToyModel(torch.nn.Module):
         return hidden @ self.table.T
 
 
-HAND = dict(table=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]),
-            tokens=torch.tensor([[0, 2], [1, 1], [2, 0]]),           # row 0 self-cond, row 1 plain, row 2 decode
-            eps=torch.tensor([[[0.1, -0.2], [0.3, 0.0]], [[-0.5, 0.2], [0.0, 0.4]], [[1.0, -1.0], [0.2, 0.2]]]),
-            t=torch.tensor([0.3, 0.98, 1.0]), w=torch.tensor([2.0, 1.5, 3.0]),
-            lam=torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.9, 0.25]]))
+HAND = dict(
+    table=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]),
+    tokens=torch.tensor([[0, 2], [1, 1], [2, 0]]),  # row 0 self-cond, row 1 plain, row 2 decode
+    eps=torch.tensor(
+        [[[0.1, -0.2], [0.3, 0.0]], [[-0.5, 0.2], [0.0, 0.4]], [[1.0, -1.0], [0.2, 0.2]]]
+    ),
+    t=torch.tensor([0.3, 0.98, 1.0]),
+    w=torch.tensor([2.0, 1.5, 3.0]),
+    lam=torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.9, 0.25]]),
+)
 
 
 def hand_terms(table, tokens, eps, t, w, lam, a=0.5):
-    """{(row, position): (kind, per-token loss)} of the HAND batch, every formula of ELF.md §1/§4 written out
-    element by element for the linear toy network (which mixes no positions)."""
+    """{(row, position): (kind, per-token loss)} of the HAND batch: every formula of the flow and
+    the training objective (README: The flow, Training objective) written out element by element
+    for the linear toy network (which mixes no positions)."""
     terms = {}
-    for b in range(2):                                            # denoise rows
+    for b in range(2):  # denoise rows
         for i in range(2):
             x, e, tb = table[tokens[b, i]].tolist(), eps[b, i].tolist(), t[b].item()
             denom = max(1 - tb, 0.05)
             z = [tb * x[c] + (1 - tb) * 2.0 * e[c] for c in range(2)]
-            if b == 0:                                            # self-conditioned: x_sc = a z (first pass)
+            if b == 0:  # self-conditioned: x_sc = a z (first pass)
                 x_u = [a * z[c] for c in range(2)]
                 x_hat = [a * (z[c] + x_u[c]) for c in range(2)]
                 v_u = [(x_u[c] - z[c]) / denom for c in range(2)]
                 v_c = [(x_hat[c] - z[c]) / denom for c in range(2)]
-                target = [(x[c] - z[c]) / denom + (1 - 1 / w[b].item()) * (v_c[c] - v_u[c]) for c in range(2)]
+                target = [
+                    (x[c] - z[c]) / denom + (1 - 1 / w[b].item()) * (v_c[c] - v_u[c])
+                    for c in range(2)
+                ]
             else:
                 x_hat = [a * z[c] for c in range(2)]
                 target = [(x[c] - z[c]) / denom for c in range(2)]
             v_hat = [(x_hat[c] - z[c]) / denom for c in range(2)]
             terms[b, i] = ("mse", sum((v_hat[c] - target[c]) ** 2 for c in range(2)) / 2)
-    for i in range(2):                                            # decode row: corrupted input, CE
+    for i in range(2):  # decode row: corrupted input, CE
         x, e, lm = table[tokens[2, i]].tolist(), eps[2, i].tolist(), lam[2, i].item()
         z = [lm * x[c] + (1 - lm) * 5.0 * e[c] for c in range(2)]
         logits = [sum(z[c] * table[k, c].item() for c in range(2)) for k in range(3)]
@@ -120,7 +143,7 @@ def hand_terms(table, tokens, eps, t, w, lam, a=0.5):
 
 
 def test_loss_matches_hand_computation():
-    """Every formula of ELF.md §1/§4 written out element by element, with a toy network."""
+    """Every formula of the objective written out element by element, with a toy network."""
     cfg = ELFConfig(vocab_size=3, embed_dim=2, noise_scale=2.0, t_eps=0.05, decoder_noise_scale=5.0)
     h = HAND
     draws = Draws(n_self_cond=1, n_decode=1, t=h["t"], w=h["w"], eps=h["eps"], lam=h["lam"])
@@ -143,8 +166,11 @@ def reference_loss(model, tokens, d):
     x = model.embed(tokens)
     tt = d.t[:, None, None]
     lam = d.lam[..., None]
-    z = torch.where(is_decode[:, None, None], lam * x + (1 - lam) * cfg.decoder_noise_scale * d.eps,
-                    tt * x + (1 - tt) * cfg.noise_scale * d.eps)
+    z = torch.where(
+        is_decode[:, None, None],
+        lam * x + (1 - lam) * cfg.decoder_noise_scale * d.eps,
+        tt * x + (1 - tt) * cfg.noise_scale * d.eps,
+    )
     mode = is_decode.float()
     zeros = torch.zeros_like(z)
     with torch.no_grad():
@@ -157,7 +183,7 @@ def reference_loss(model, tokens, d):
     v_uncond, v_cond = velocity(x_uncond, z, d.t, cfg.t_eps), velocity(x_cond, z, d.t, cfg.t_eps)
     guided = v + (1 - 1 / d.w)[:, None, None] * (v_cond - v_uncond)
     target = torch.where(is_sc[:, None, None], guided, v)
-    mse = (v_hat - target).pow(2).mean(-1)                          # (B, L)
+    mse = (v_hat - target).pow(2).mean(-1)  # (B, L)
     ce = F.cross_entropy(model.decode_logits(hidden).transpose(1, 2), tokens, reduction="none")
     per_token = torch.where(is_decode[:, None], ce, mse)
     return per_token.sum() / (B * L)
@@ -167,8 +193,10 @@ def reference_loss(model, tokens, d):
 def test_efficient_objective_equals_reference(prediction):
     model = tiny_model(prediction=prediction)
     tokens = torch.randint(0, 128, (10, 8), generator=torch.Generator().manual_seed(1))
-    draws = draw_training_noise(model.cfg, 10, 8, torch.Generator().manual_seed(2), torch.Generator().manual_seed(3))
-    draws.n_self_cond, draws.n_decode = 4, 3                      # make sure every role is present
+    draws = draw_training_noise(
+        model.cfg, 10, 8, torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
+    )
+    draws.n_self_cond, draws.n_decode = 4, 3  # make sure every role is present
     draws.t[-3:] = 1.0
     loss, _, _ = elf_loss(model, tokens, draws)
     grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -186,7 +214,7 @@ def test_draws_follow_the_configured_probabilities():
     for _ in range(200):
         d = draw_training_noise(cfg, 50, 4, g, gd)
         n_dec, n_sc = n_dec + d.n_decode, n_sc + d.n_self_cond
-        assert torch.all(d.t[50 - d.n_decode:] == 1) and torch.all(d.t[:50 - d.n_decode] < 1)
+        assert torch.all(d.t[50 - d.n_decode :] == 1) and torch.all(d.t[: 50 - d.n_decode] < 1)
         assert torch.all((d.w >= 0.5) & (d.w <= 5.0))
     assert n_dec / 10000 == pytest.approx(0.2, abs=0.01)
     assert n_sc / 10000 == pytest.approx(0.8 * 0.5, abs=0.015)
@@ -218,6 +246,7 @@ def test_sde_churn_renoises_before_the_step():
     def denoise(z, t, x_sc):
         seen["z"], seen["t"] = z, t
         return torch.zeros_like(z)
+
     z, noise = torch.randn(1, 8, 16), torch.randn(1, 8, 16)
     sde_step(denoise, z, None, 0.5, 0.6, 1.5, noise, cfg)
     alpha = 1 - 1.5 * 0.1
@@ -232,7 +261,12 @@ def test_optimizer_groups():
     adam_ids = {id(p) for g in adam.param_groups for p in g["params"]}
     assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
     assert id(model.blocks[0].attn.qkv.weight) in muon_ids
-    for p in [model.decode_out.weight, model.x_head.weight, model.mode_tokens, model.blocks[0].attn.qkv.bias]:
+    for p in [
+        model.decode_out.weight,
+        model.x_head.weight,
+        model.mode_tokens,
+        model.blocks[0].attn.qkv.bias,
+    ]:
         assert id(p) in adam_ids
     assert muon_ids.isdisjoint(adam_ids)
     assert len(muon_ids) + len(adam_ids) == sum(1 for p in model.parameters() if p.requires_grad)

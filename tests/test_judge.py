@@ -1,5 +1,6 @@
-"""Judging samples (README: Judging samples): unigram entropy, the pooled NLL of generative perplexity,
-sample.py --eval."""
+"""Judging samples (README: Judging samples): unigram entropy, the pooled NLL of generative
+perplexity, sample.py --eval."""
+
 import json
 import math
 
@@ -11,7 +12,9 @@ import sample
 
 def test_unigram_entropy_by_hand():
     # frequencies 1/2, 1/4, 1/4
-    assert sample.unigram_entropy([7, 7, 3, 9]) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert sample.unigram_entropy([7, 7, 3, 9]) == pytest.approx(
+        -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    )
     assert sample.unigram_entropy([5, 5, 5]) == 0.0 and sample.unigram_entropy([]) == 0.0
 
 
@@ -23,13 +26,15 @@ def test_cut_at_eot_keeps_the_first_end_of_text_once():
 def test_pooled_nll_by_hand():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=6, n_embd=16, n_layer=1, n_head=2)
+    config = transformers.GPT2Config(
+        vocab_size=50257, n_positions=6, n_embd=16, n_layer=1, n_head=2
+    )
     judge = transformers.GPT2LMHeadModel(config).eval()
-    samples = [[5, 6, sample.EOT], [9, 8, 7, 6, 5, 4, 3]]          # the second is longer than the context
+    samples = [[5, 6, sample.EOT], [9, 8, 7, 6, 5, 4, 3]]  # the second is longer than the context
     total, count = sample.pooled_nll(judge, samples)
     expected, n = 0.0, 0
     for tokens in samples:
-        ids = ([sample.EOT] + tokens)[:6]                            # BOS, then at most the context
+        ids = ([sample.EOT] + tokens)[:6]  # BOS, then at most the context
         with torch.no_grad():
             logits = judge(torch.tensor([ids])).logits[0]
         for i in range(1, len(ids)):
@@ -40,9 +45,11 @@ def test_pooled_nll_by_hand():
 
 
 def test_eval_without_judge_weights_reports_entropy(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                         # no downloads: the judge cannot load
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no downloads: the judge cannot load
     texts = tmp_path / "samples.jsonl"
-    texts.write_text(json.dumps({"text": "to be or not to be"}) + "\n" + json.dumps({"text": "aaa aaa"}) + "\n")
+    texts.write_text(
+        json.dumps({"text": "to be or not to be"}) + "\n" + json.dumps({"text": "aaa aaa"}) + "\n"
+    )
     sample.main(["--eval", f"--samples={texts}", "--judge=surely-not-a-model"])
     out = capsys.readouterr().out
     assert "no generative perplexity" in out and "Traceback" not in out

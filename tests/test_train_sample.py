@@ -233,13 +233,12 @@ def test_bad_shards_are_clear_errors(tmp_path):
         train.main(base)
 
 
-@pytest.mark.parametrize("bad, flag", [("--batch_size=0", "--batch_size"), ("--num_samples=-2", "--num_samples"),
-                                       ("--steps=0", "--steps"), ("--length=0", "--length"),
-                                       ("--bench_batches=0", "--bench_batches"), ("--cfg_scale=nan", "--cfg_scale"),
-                                       ("--gamma=-1", "--gamma"), ("--scale=inf", "--scale")])
-def test_sample_arguments_out_of_range_are_one_line_errors(bad, flag, capsys):
+@pytest.mark.parametrize("bad", ["--batch_size=0", "--num_samples=-2", "--steps=0", "--length=0",
+                                 "--bench_batches=0", "--cfg_scale=nan", "--gamma=-1", "--scale=inf"])
+def test_sample_arguments_out_of_range_are_one_line_errors(bad, capsys):
     """Checked before anything is loaded: counts at least 1, scales finite and non-negative."""
-    with pytest.raises(SystemExit, match=rf"^error: {flag} must be (at least 1|a finite number >= 0), got .* "
-                                         r"\(see --help\)$"):
+    flag = bad.split("=")[0]
+    expected = rf"^error: {flag} must be (at least 1|a finite number >= 0), got .* \(see --help\)$"
+    with pytest.raises(SystemExit, match=expected):
         sample.main([bad, "--ckpt=surely/missing.pt"])
     assert capsys.readouterr().err == ""
