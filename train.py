@@ -424,6 +424,8 @@ def main(argv=None):
         if trainer.iter >= tc.max_iters:
             raise ConfigError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
                               f"{tc.max_iters}: raise --max_iters to train on")
+    elif os.path.exists(ckpt_path):
+        log(f"note: {ckpt_path} will be replaced by this new run's (--resume continues it instead)")
     defaults = {**asdict(TrainConfig()), **asdict(ELFConfig())}
     changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != defaults[k]]
     log(textwrap.fill("config (what differs from --help's defaults): " + " ".join(changed), 100))
@@ -503,3 +505,5 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:                                   # Ctrl-C before the training loop
+        sys.exit("interrupted before the first step; nothing was saved")

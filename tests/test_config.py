@@ -14,12 +14,12 @@ from elf import MODEL_SIZES, ELFConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
-        "--block_size=8", "--batch_size=4", "--warmup_iters=2", "--eval_iters=1", "--sample_steps=2",
-        "--num_eval_samples=1", "--log_interval=1", "--eval_interval=2"]
+        "--block_size=8", "--batch_size=4", "--warmup_iters=2", "--eval_iters=1",
+        "--sample_steps=2", "--num_eval_samples=1", "--log_interval=1", "--eval_interval=2"]
 
 
 @pytest.mark.parametrize("args, message", [
-    # sizes, counts and intervals: integers > 0 (or >= 0), seeds in range, the tokenizer's vocabulary
+    # sizes, counts and intervals: integers > 0 (or >= 0), seeds in range, GPT-2's vocabulary
     (["--batch_size=0"], r"--batch_size must be an integer > 0, got 0"),
     (["--grad_accum=0"], r"--grad_accum must be an integer > 0"),
     (["--eval_interval=0"], r"--eval_interval must be an integer > 0"),
@@ -59,7 +59,7 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--n_head=5"], r"n_embd 192 is not 5 heads of even size: --n_head can be 1, 2, 3, 4, 6, 8,"),
     (["--n_head=64"], r"n_embd 192 is not 64 heads of even size"),       # head size 3: odd
     (["--n_embd=191", "--n_head=1"], r"--n_head can be none"),
-    (["--cond_prefix_prob=0.6", "--cond_span_prob=0.5"], r"cond_prefix_prob \+ cond_span_prob must be"),
+    (["--cond_prefix_prob=0.6", "--cond_span_prob=0.5"], r"cond_prefix_prob \+ cond_span_prob"),
     (["--guidance_min=6"], r"guidance_min 6.0 must be <= guidance_max 5.0"),
     (["--lr_schedule=cosine", "--min_lr=0.1"], r"min_lr must be <= lr"),
 ])
@@ -94,8 +94,8 @@ def test_a_device_that_is_not_there_is_a_clear_error():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_the_issues_examples_end_in_one_line_not_a_traceback():
@@ -114,8 +114,9 @@ def test_help_lists_every_field_with_its_default_and_comment_and_the_presets(cap
     lines = text.splitlines()
     assert any(line.startswith("  --lr_schedule=constant") and line.endswith("(decays to min_lr)")
                for line in lines)
-    assert any(line.startswith("  --noise_scale=2.0") and "sigma: z_t = t x" in line for line in lines)
-    assert "# optimisation (§4)" in text and "--preset=elf-b-owt: " in text and "--model=elf-cpu: " in text
+    assert any(line.startswith("  --noise_scale=2.0") and "sigma: z_t" in line for line in lines)
+    assert "# optimisation (§4)" in text
+    assert "--preset=elf-b-owt: " in text and "--model=elf-cpu: " in text
     result = cli("-h")
     assert result.returncode == 0 and result.stdout.strip() == text.strip() and not result.stderr
 
@@ -137,41 +138,49 @@ def run(data_dir, out, *extra):
     train.main(["--dataset=rand", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *extra])
 
 
-def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_dir, tmp_path, capsys):
+def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_dir, tmp_path,
+                                                                          capsys):
     run(data_dir, tmp_path, "--max_iters=4")
     log_path = tmp_path / "log.jsonl"
     clean = log_path.read_text()
-    # What a SIGKILL after the checkpoint of iteration 4 leaves: rows of iterations 5 and 6, a torn line.
+    # What a SIGKILL after the checkpoint of iteration 4 leaves: rows past it, and a torn line.
+    dead = ['{"iter": 5, "loss": 1.0}', '{"iter": 6, "loss": 1.0}', '{"iter": 6, "val": 1.0}']
     with open(log_path, "a") as f:
-        f.write('{"iter": 5, "loss": 1.0}\n{"iter": 6, "loss": 1.0}\n{"iter": 6, "val": 1.0}\n{"iter": 7, "lo')
+        f.write("\n".join(dead) + '\n{"iter": 7, "lo')
     capsys.readouterr()
     run(data_dir, tmp_path, "--max_iters=6", "--resume")
     out = capsys.readouterr().out
-    assert out.count("malformed") == 1 and "skipped 1 malformed line(s), dropped 3 rows past iteration 4" in out
+    assert out.count("malformed") == 1
+    assert "skipped 1 malformed line(s), dropped 3 rows past iteration 4" in out
     text = log_path.read_text()
     assert text.startswith(clean) and text.endswith("\n")
     rows = [json.loads(line) for line in text.splitlines()]
     train_iters = [r["iter"] for r in rows if "loss" in r]
-    assert train_iters == [1, 2, 3, 4, 5, 6] and [r["iter"] for r in rows if "val" in r] == [2, 4, 6]
-    assert all(r["loss"] != 1.0 for r in rows if "loss" in r)           # the dead run's rows are gone
+    assert train_iters == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in rows if "val" in r] == [2, 4, 6]
+    assert all(r["loss"] != 1.0 for r in rows if "loss" in r)       # the dead run's rows are gone
     assert os.path.getsize(tmp_path / "loss.png") > 5000 and not os.path.exists(f"{log_path}.tmp")
 
 
 def test_the_log_reader_alone(tmp_path):
     path = str(tmp_path / "log.jsonl")
     said = []
-    assert train.keep_log_until(path, 10, said.append) == [] and said == []     # no log yet: an empty one
-    lines = ['{"iter": 1, "loss": 2.0}', "[1, 2]", '{"loss": 1}', '{"iter": 3, "val": 1.5}', '{"iter": 4,']
+    assert train.keep_log_until(path, 10, said.append) == [] and said == []   # no log yet: empty
+    good = [{"iter": 1, "loss": 2.0}, {"iter": 3, "val": 1.5}]
+    lines = [json.dumps(good[0]), "[1, 2]", '{"loss": 1}', json.dumps(good[1]), '{"iter": 4,']
     open(path, "w").write("\n".join(lines))
-    assert train.keep_log_until(path, 3, said.append) == [{"iter": 1, "loss": 2.0}, {"iter": 3, "val": 1.5}]
+    assert train.keep_log_until(path, 3, said.append) == good
     assert said == [f"{path}: skipped 3 malformed line(s), dropped 0 rows past iteration 3"]
     assert open(path).read() == '{"iter": 1, "loss": 2.0}\n{"iter": 3, "val": 1.5}\n'
 
 
-def test_config_printed_once_and_a_finished_run_says_how_to_go_on(data_dir, tmp_path, capsys):
+def test_config_printed_once_and_a_finished_or_replaced_run_is_said(data_dir, tmp_path, capsys):
     run(data_dir, tmp_path, "--max_iters=2")
     out = capsys.readouterr().out
     assert out.count("config (what differs from --help's defaults): ") == 1
     assert "max_iters=2" in out and "n_layer=1" in out and " lr=" not in out      # lr: the default
     with pytest.raises(train.ConfigError, match="at iteration 2, not before --max_iters=2: raise"):
         run(data_dir, tmp_path, "--max_iters=2", "--resume")
+    run(data_dir, tmp_path, "--max_iters=1")                      # a new run in the same out_dir
+    out = capsys.readouterr().out
+    assert "ckpt.pt will be replaced by this new run's (--resume continues it instead)" in out
