@@ -8,13 +8,17 @@ Train ELF on tokenized shards (made by prepare_data.py).
 """
 import copy
 import difflib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
+import textwrap
 import time
+import tokenize
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -72,6 +76,53 @@ PRESETS = {
 class ConfigError(Exception):
     pass
 
+# What each field of TrainConfig and ELFConfig must be: (fields, test, requirement), then choices.
+RULES = [
+    ("batch_size grad_accum max_iters log_interval eval_interval eval_iters sample_steps"
+     " num_eval_samples bench_steps block_size n_layer n_head n_embd embed_dim bottleneck_dim"
+     " n_mode_tokens n_time_tokens n_scale_tokens", lambda v: v > 0, "an integer > 0"),
+    ("warmup_iters bench_warmup", lambda v: v >= 0, "an integer >= 0"),
+    ("seed embedding_seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)"),
+    ("vocab_size", lambda v: v >= 50257, "at least GPT-2's 50257 tokens"),
+    ("lr grad_clip latent_std noise_scale t_eps", lambda v: 0 < v < math.inf, "finite and > 0"),
+    ("min_lr weight_decay t_std decoder_noise_scale decoder_lambda_std guidance_min guidance_max",
+     lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    ("t_mean decoder_lambda_mean", math.isfinite, "finite"),
+    ("decoder_prob self_cond_prob cond_prefix_prob cond_span_prob cond_drop_prob ema_decay dropout",
+     lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    ("dataset data_dir out_dir", bool, "non-empty"),
+    ("resume bench guidance", lambda v: v in (True, False), "true or false"),
+    ("device", lambda v: v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", v),
+     "auto, cpu, mps, cuda or cuda:N"),
+]
+CHOICES = dict(model=tuple(MODEL_SIZES), optimizer=("muon", "adamw"), prediction=("x", "v"),
+               lr_schedule=("constant", "cosine"), dtype=("auto", "float32", "bfloat16"),
+               compile=("auto", "true", "false"), embedding=("gaussian", "learned"))
+RULES += [(name, allowed.__contains__, "one of " + ", ".join(allowed))
+          for name, allowed in CHOICES.items()]
+RULE_OF = {name: (test, what) for names, test, what in RULES for name in names.split()}
+
+def check(tc, mc):
+    """Each field against its rule, then the rules that tie fields together."""
+    for name, value in {**asdict(tc), **asdict(mc)}.items():
+        test, what = RULE_OF[name]
+        if not test(value):
+            raise ConfigError(f"--{name} must be {what}, got {value!r}")
+    heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none"
+    for bad, message in [
+        (tc.batch_size % tc.grad_accum,
+         f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}: change one"),
+        (mc.n_embd % (2 * mc.n_head),                # rotary positions turn channel pairs
+         f"n_embd {mc.n_embd} is not {mc.n_head} heads of even size: --n_head can be {heads}"),
+        (mc.cond_prefix_prob + mc.cond_span_prob > 1,
+         "cond_prefix_prob + cond_span_prob must be at most 1: lower one of them"),
+        (mc.guidance_min > mc.guidance_max,
+         f"guidance_min {mc.guidance_min} must be <= guidance_max {mc.guidance_max}"),
+        (tc.lr_schedule == "cosine" and tc.min_lr > tc.lr, "min_lr must be <= lr to decay to it"),
+    ]:
+        if bad:
+            raise ConfigError(message)
+
 def parse_value(text, default, key):
     """Convert a command-line string to the type of the field's default, or say what was expected."""
     booleans = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -101,12 +152,30 @@ def parse_args(argv):
             raise ConfigError(f"unknown config key --{key}{hint}")
         settings[key] = parse_value(value, train_fields.get(key, model_fields.get(key)), key)
     tc = TrainConfig(**{k: v for k, v in settings.items() if k in train_fields})
-    if tc.model not in MODEL_SIZES:
-        raise ConfigError(f"unknown model {tc.model!r}: choose from {', '.join(MODEL_SIZES)}")
-    mc = ELFConfig(**{**MODEL_SIZES[tc.model], **{k: v for k, v in settings.items() if k in model_fields}})
-    if tc.batch_size % tc.grad_accum:
-        raise ConfigError(f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}")
+    model = MODEL_SIZES.get(tc.model, {})                   # an unknown --model: reported by check
+    mc = ELFConfig(**{**model, **{k: v for k, v in settings.items() if k in model_fields}})
+    check(tc, mc)
     return tc, mc
+
+def usage():
+    """--help: each field, its default and the comment beside it in the source; then the presets."""
+    text = [__doc__.strip(), "", "Fields, as --key=default (ELFConfig's are the paper's ELF-B):"]
+    for config in (TrainConfig, ELFConfig):
+        lines, defaults = inspect.getsourcelines(config)[0], asdict(config())
+        tokens = tokenize.generate_tokens(iter(lines).__next__)
+        comments = {t.start[0]: t.string for t in tokens if t.type == tokenize.COMMENT}
+        for number, line in enumerate(lines, 1):
+            name, comment = line.split(":")[0].strip(), comments.get(number, "")
+            if name in defaults:
+                text.append(f"  --{name}={defaults[name]}".ljust(30) + comment.lstrip("# "))
+            elif line.strip().startswith("#"):                  # a section's heading
+                text.append(comment)
+    text.append("# sizes and presets (--preset=cpu unless given), set before the --key=value given")
+    for name, values in {**MODEL_SIZES, **PRESETS}.items():
+        option = f"--{'model' if name in MODEL_SIZES else 'preset'}={name}:"
+        text.append(textwrap.fill(" ".join([option, *(f"{k}={v}" for k, v in values.items())]), 100,
+                                  subsequent_indent="    "))
+    return "\n".join(line.rstrip() for line in text)
 
 # ----------------------------------------------------------------------------------------------
 # Data: random windows of block_size tokens from the memmapped uint16 shards, or, for paired data
@@ -156,10 +225,30 @@ def load_checkpoint(path):
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt")
 
-def plot_losses(log_path, png_path):
-    """loss.png from log.jsonl: training loss, its MSE and CE parts, and the val objective."""
+def keep_log_until(path, last_iter, say):
+    """The rows of log.jsonl up to the checkpoint's iteration; the file is rewritten without the
+    rest (a run killed after its last checkpoint logged past it, and may have torn a line)."""
+    lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
+    kept, malformed = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if row["iter"] <= last_iter:
+                kept.append(row)
+        except (ValueError, KeyError, TypeError):              # a torn or malformed line
+            malformed += 1
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(path + ".tmp", path)                         # like checkpoints: whole or not at all
+    if len(kept) < len(lines):
+        say(f"{path}: skipped {malformed} malformed line(s), dropped "
+            f"{len(lines) - len(kept) - malformed} rows past iteration {last_iter}")
+    return kept
+
+def plot_losses(rows, png_path):
+    """loss.png from the log's rows: training loss, its MSE and CE parts, and the val objective."""
     from matplotlib.figure import Figure                # files only, no display or global state
-    rows, ax = [json.loads(line) for line in open(log_path)], Figure(figsize=(7, 4)).subplots()
+    ax = Figure(figsize=(7, 4)).subplots()
     for key in ("loss", "mse", "ce", "val"):
         points = [(r["iter"], r[key]) for r in rows if key in r]
         if points:
@@ -179,8 +268,12 @@ def lr_at(it, tc):
 def init_distributed(tc):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
     if "RANK" not in os.environ:
-        auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        return 0, 1, torch.device(auto if tc.device == "auto" else tc.device)
+        count = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
+        device = next(d for d in count if count[d]) if tc.device == "auto" else tc.device
+        device = torch.device(device)
+        if count[device.type] <= (device.index or 0):
+            raise ConfigError(f"no device {tc.device} here: use --device=auto or --device=cpu")
+        return 0, 1, device
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -308,7 +401,10 @@ def bench(trainer, tc, mc, device):
                           step_s=round(step_s, 4), mfu=mfu, tokens_per_s=round(tokens_per_s), peak_mem_gb=peak_mem_gb)))
 
 def main(argv=None):
-    tc, mc = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        return print(usage())
+    tc, mc = parse_args(argv)
     rank, world, device = init_distributed(tc)
     master = rank == 0                                          # rank 0 alone logs, evaluates and saves
     log = print if master else (lambda *a, **k: None)
@@ -325,12 +421,22 @@ def main(argv=None):
     if tc.resume:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
+        if trainer.iter >= tc.max_iters:
+            raise ConfigError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
+                              f"{tc.max_iters}: raise --max_iters to train on")
+    elif os.path.exists(ckpt_path):
+        log(f"note: {ckpt_path} will be replaced by this new run's (--resume continues it instead)")
+    defaults = {**asdict(TrainConfig()), **asdict(ELFConfig())}
+    changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != defaults[k]]
+    log(textwrap.fill("config (what differs from --help's defaults): " + " ".join(changed), 100))
     n_params = sum(p.numel() for p in trainer.params)
     log(f"model {tc.model}: {n_params / 1e6:.2f}M parameters on {device}; global batch {tc.batch_size}"
         f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
     # Ctrl-C / SIGTERM: finish the step, save, exit. Several processes agree on when, at log intervals.
     # Every metric as one JSON line in out_dir/log.jsonl (drawn as loss.png); a new run starts a new log.
-    log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a" if tc.resume else "w", buffering=1) if master else None
+    log_path = os.path.join(tc.out_dir, "log.jsonl")
+    rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
+    log_file = open(log_path, "a" if tc.resume else "w", buffering=1) if master else None
     stop = []
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     peak, fpt = peak_flops(device), flops_per_token(mc)
@@ -355,7 +461,8 @@ def main(argv=None):
                 log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad {grad_norm.item():.2f} "
                     f"lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
                 if master:
-                    print(json.dumps(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s)), file=log_file)
+                    rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
+                    print(json.dumps(rows[-1]), file=log_file)
                 t0, tokens_seen = time.perf_counter(), 0
             if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
                 trainer.check_finite()
@@ -363,8 +470,9 @@ def main(argv=None):
                     if not stopping:
                         val = trainer.evaluate(val_path)
                         log(f"iter {it}: val {val:.4f}")
-                        print(json.dumps(dict(iter=it, val=val)), file=log_file)
-                        plot_losses(log_file.name, os.path.join(tc.out_dir, "loss.png"))
+                        rows.append(dict(iter=it, val=val))
+                        print(json.dumps(rows[-1]), file=log_file)
+                        plot_losses(rows, os.path.join(tc.out_dir, "loss.png"))
                         with trainer.autocast:                  # samples from the EMA weights
                             sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
                     save_checkpoint(ckpt_path, trainer.state_dict())
@@ -397,3 +505,5 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:                                   # Ctrl-C before the training loop
+        sys.exit("interrupted before the first step; nothing was saved")

@@ -95,7 +95,7 @@ def test_config_overrides_and_presets():
     (["--max_iter=5"], "did you mean --max_iters"),
     (["--max_iters=ten"], "--max_iters expects int"),
     (["--preset=huge"], "unknown preset"),
-    (["--model=elf-xxl"], "unknown model"),
+    (["--model=elf-xxl"], "--model must be one of elf-b"),
     (["--batch_size=10", "--grad_accum=3"], "not a multiple"),
 ])
 def test_bad_config_is_a_clear_error(args, message):

@@ -1,0 +1,186 @@
+"""train.py's configuration: every value checked where it is parsed (one line naming the fix),
+--help from the dataclasses' own comments, and a log.jsonl that survives a crash and --resume."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+import train
+from elf import MODEL_SIZES, ELFConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
+        "--block_size=8", "--batch_size=4", "--warmup_iters=2", "--eval_iters=1",
+        "--sample_steps=2", "--num_eval_samples=1", "--log_interval=1", "--eval_interval=2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    # sizes, counts and intervals: integers > 0 (or >= 0), seeds in range, GPT-2's vocabulary
+    (["--batch_size=0"], r"--batch_size must be an integer > 0, got 0"),
+    (["--grad_accum=0"], r"--grad_accum must be an integer > 0"),
+    (["--eval_interval=0"], r"--eval_interval must be an integer > 0"),
+    (["--log_interval=-3"], r"--log_interval must be an integer > 0, got -3"),
+    (["--n_layer=0"], r"--n_layer must be an integer > 0"),
+    (["--bench_steps=0"], r"--bench_steps must be an integer > 0"),
+    (["--warmup_iters=-1"], r"--warmup_iters must be an integer >= 0"),
+    (["--seed=-1"], r"--seed must be an integer in \[0, 2\*\*31\)"),
+    (["--embedding_seed=2147483648"], r"--embedding_seed must be an integer in"),
+    (["--vocab_size=1000"], r"--vocab_size must be at least GPT-2's 50257 tokens"),
+    # rates and scales: finite, positive or non-negative
+    (["--lr=nan"], r"--lr must be finite and > 0, got nan"),
+    (["--lr=0"], r"--lr must be finite and > 0"),
+    (["--grad_clip=inf"], r"--grad_clip must be finite and > 0, got inf"),
+    (["--noise_scale=-1"], r"--noise_scale must be finite and > 0"),
+    (["--t_eps=0"], r"--t_eps must be finite and > 0"),
+    (["--weight_decay=-0.1"], r"--weight_decay must be finite and >= 0"),
+    (["--t_std=inf"], r"--t_std must be finite and >= 0"),
+    (["--t_mean=nan"], r"--t_mean must be finite, got nan"),
+    # probabilities
+    (["--decoder_prob=1.5"], r"--decoder_prob must be a probability, in \[0, 1\], got 1.5"),
+    (["--ema_decay=-0.1"], r"--ema_decay must be a probability"),
+    (["--dropout=nan"], r"--dropout must be a probability"),
+    (["--cond_drop_prob=2"], r"--cond_drop_prob must be a probability"),
+    # choices and strings
+    (["--optimizer=sgd"], r"--optimizer must be one of muon, adamw, got 'sgd'"),
+    (["--lr_schedule=linear"], r"--lr_schedule must be one of constant, cosine"),
+    (["--dtype=bf16"], r"--dtype must be one of auto, float32, bfloat16"),
+    (["--compile=yes"], r"--compile must be one of auto, true, false"),
+    (["--embedding=onehot"], r"--embedding must be one of gaussian, learned"),
+    (["--prediction=eps"], r"--prediction must be one of x, v"),
+    (["--model=elf-xxl"], r"--model must be one of elf-b, elf-m, elf-l, elf-cpu"),
+    (["--device=gpu"], r"--device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+    (["--out_dir="], r"--out_dir must be non-empty"),
+    # rules that tie fields together
+    (["--batch_size=10", "--grad_accum=3"], r"batch_size 10 is not a multiple of grad_accum 3"),
+    (["--n_head=5"], r"n_embd 192 is not 5 heads of even size: --n_head can be 1, 2, 3, 4, 6, 8,"),
+    (["--n_head=64"], r"n_embd 192 is not 64 heads of even size"),       # head size 3: odd
+    (["--n_embd=191", "--n_head=1"], r"--n_head can be none"),
+    (["--cond_prefix_prob=0.6", "--cond_span_prob=0.5"], r"cond_prefix_prob \+ cond_span_prob"),
+    (["--guidance_min=6"], r"guidance_min 6.0 must be <= guidance_max 5.0"),
+    (["--lr_schedule=cosine", "--min_lr=0.1"], r"min_lr must be <= lr"),
+])
+def test_each_kind_of_bad_value_is_a_one_line_error(args, message):
+    with pytest.raises(train.ConfigError, match=message) as error:
+        train.parse_args(args)
+    assert "\n" not in str(error.value)
+
+
+def test_every_field_has_a_rule_and_the_shipped_settings_follow_them():
+    names = [f.name for config in (train.TrainConfig, ELFConfig) for f in fields(config)]
+    assert sorted(train.RULE_OF) == sorted(names)
+    for preset in train.PRESETS:
+        for model in MODEL_SIZES:
+            train.parse_args([f"--preset={preset}", f"--model={model}"])
+
+
+@pytest.mark.parametrize("args", [
+    ["--warmup_iters=0", "--decoder_prob=0", "--self_cond_prob=1", "--ema_decay=1", "--t_mean=-3"],
+    ["--lr_schedule=cosine", "--min_lr=0.002", "--cond_prefix_prob=0.5", "--cond_span_prob=0.5"],
+    ["--device=cpu", "--dtype=float32", "--compile=false", "--guidance_min=2", "--guidance_max=2"],
+    ["--device=cuda:1", "--optimizer=adamw", "--prediction=v", "--embedding=learned", "--n_head=4"],
+])
+def test_values_at_the_edges_are_accepted(args):
+    train.parse_args(args)
+
+
+def test_a_device_that_is_not_there_is_a_clear_error():
+    tc, _ = train.parse_args(["--device=cuda:99"])
+    with pytest.raises(train.ConfigError, match="no device cuda:99 here: use --device=auto"):
+        train.init_distributed(tc)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_issues_examples_end_in_one_line_not_a_traceback():
+    for args in (["--batch_size=0"], ["--n_head=5"], ["--lr=nan"]):
+        result = cli(*args)
+        assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_every_field_with_its_default_and_comment_and_the_presets(capsys):
+    train.main(["--help"])
+    text = capsys.readouterr().out
+    for config in (train.TrainConfig, ELFConfig):
+        for f in fields(config):
+            assert f"--{f.name}={f.default}" in text, f.name
+    lines = text.splitlines()
+    assert any(line.startswith("  --lr_schedule=constant") and line.endswith("(decays to min_lr)")
+               for line in lines)
+    assert any(line.startswith("  --noise_scale=2.0") and "sigma: z_t" in line for line in lines)
+    assert "# optimisation (§4)" in text
+    assert "--preset=elf-b-owt: " in text and "--model=elf-cpu: " in text
+    result = cli("-h")
+    assert result.returncode == 0 and result.stdout.strip() == text.strip() and not result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The log across a crash: entries past the checkpoint and a torn last line.
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "data" / "rand"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 1000, 500).astype(np.uint16).tofile(folder / f"{split}.bin")
+    return str(tmp_path / "data")
+
+
+def run(data_dir, out, *extra):
+    train.main(["--dataset=rand", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *extra])
+
+
+def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_dir, tmp_path,
+                                                                          capsys):
+    run(data_dir, tmp_path, "--max_iters=4")
+    log_path = tmp_path / "log.jsonl"
+    clean = log_path.read_text()
+    # What a SIGKILL after the checkpoint of iteration 4 leaves: rows past it, and a torn line.
+    dead = ['{"iter": 5, "loss": 1.0}', '{"iter": 6, "loss": 1.0}', '{"iter": 6, "val": 1.0}']
+    with open(log_path, "a") as f:
+        f.write("\n".join(dead) + '\n{"iter": 7, "lo')
+    capsys.readouterr()
+    run(data_dir, tmp_path, "--max_iters=6", "--resume")
+    out = capsys.readouterr().out
+    assert out.count("malformed") == 1
+    assert "skipped 1 malformed line(s), dropped 3 rows past iteration 4" in out
+    text = log_path.read_text()
+    assert text.startswith(clean) and text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]
+    train_iters = [r["iter"] for r in rows if "loss" in r]
+    assert train_iters == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in rows if "val" in r] == [2, 4, 6]
+    assert all(r["loss"] != 1.0 for r in rows if "loss" in r)       # the dead run's rows are gone
+    assert os.path.getsize(tmp_path / "loss.png") > 5000 and not os.path.exists(f"{log_path}.tmp")
+
+
+def test_the_log_reader_alone(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    said = []
+    assert train.keep_log_until(path, 10, said.append) == [] and said == []   # no log yet: empty
+    good = [{"iter": 1, "loss": 2.0}, {"iter": 3, "val": 1.5}]
+    lines = [json.dumps(good[0]), "[1, 2]", '{"loss": 1}', json.dumps(good[1]), '{"iter": 4,']
+    open(path, "w").write("\n".join(lines))
+    assert train.keep_log_until(path, 3, said.append) == good
+    assert said == [f"{path}: skipped 3 malformed line(s), dropped 0 rows past iteration 3"]
+    assert open(path).read() == '{"iter": 1, "loss": 2.0}\n{"iter": 3, "val": 1.5}\n'
+
+
+def test_config_printed_once_and_a_finished_or_replaced_run_is_said(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path, "--max_iters=2")
+    out = capsys.readouterr().out
+    assert out.count("config (what differs from --help's defaults): ") == 1
+    assert "max_iters=2" in out and "n_layer=1" in out and " lr=" not in out      # lr: the default
+    with pytest.raises(train.ConfigError, match="at iteration 2, not before --max_iters=2: raise"):
+        run(data_dir, tmp_path, "--max_iters=2", "--resume")
+    run(data_dir, tmp_path, "--max_iters=1")                      # a new run in the same out_dir
+    out = capsys.readouterr().out
+    assert "ckpt.pt will be replaced by this new run's (--resume continues it instead)" in out
