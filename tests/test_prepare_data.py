@@ -1,6 +1,8 @@
+import gzip
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,9 @@ DOC2 = "All:\nSpeak, speak. Resolved, resolved to die than to famish?\n" * 3
 
 
 def load(d):
-    train = np.fromfile(d / "train.bin", dtype=np.uint16)
-    val = np.fromfile(d / "val.bin", dtype=np.uint16)
+    """All train shards' tokens in order, the val shard's, meta.json."""
+    train = np.concatenate([prepare_data.read_shard(f) for f in sorted(d.glob("*_train_*.bin"))])
+    val = np.concatenate([prepare_data.read_shard(f) for f in sorted(d.glob("*_val_*.bin"))])
     return train, val, json.loads((d / "meta.json").read_text())
 
 
@@ -44,11 +47,14 @@ def test_round_trip_folder(tmp_path):
     enc = tiktoken.get_encoding("gpt2")
     text = enc.decode(np.concatenate([train, val]).tolist())
     assert text == DOC1 + "<|endoftext|>" + DOC2 + "<|endoftext|>"
-    assert meta["train_tokens"] == len(train) == (out / "x" / "train.bin").stat().st_size // 2
-    assert meta["val_tokens"] == len(val) == (out / "x" / "val.bin").stat().st_size // 2
-    assert meta["val_tokens"] == round(0.1 * (len(train) + len(val)))
-    assert meta["sources"] == [str(src / "a.txt"), str(src / "sub" / "b.txt")]
+    assert sorted(p.name for p in (out / "x").iterdir()) == [
+        "meta.json", "x_train_000001.bin", "x_val_000000.bin"]
+    assert meta["train_tokens"] == len(train) == ((out / "x" / "x_train_000001.bin").stat().st_size - 1024) // 2
+    assert meta["val_tokens"] == len(val) == round(0.1 * (len(train) + len(val)))
+    assert meta["sources"] == [str(src)]
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    header = np.fromfile(out / "x" / "x_val_000000.bin", dtype=np.int32, count=256)
+    assert header[:3].tolist() == [20240520, 1, len(val)] and not header[3:].any()
 
 
 def test_single_file_default_name(tmp_path):
@@ -72,7 +78,7 @@ def test_empty_inputs(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("  \n\n")
     assert "empty" in run_error(capsys, ["--input", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path)])
     (tmp_path / "nodocs").mkdir()
-    assert "no .txt files" in run_error(capsys, ["--input", str(tmp_path / "nodocs"), "--out_dir", str(tmp_path)])
+    assert "no .txt, .jsonl or .jsonl.gz files" in run_error(capsys, ["--input", str(tmp_path / "nodocs"), "--out_dir", str(tmp_path)])
 
 
 def test_invalid_utf8(tmp_path, capsys):
@@ -96,3 +102,118 @@ def test_script_exits_cleanly(tmp_path):
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "missing.txt" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards of many sizes, the same tokens whatever the chunking and the number of workers
+
+ENC = tiktoken.get_encoding("gpt2")
+
+
+def corpus(folder, n_docs, seed=0):
+    """n_docs .txt documents of a few hundred characters, some multi-line, one with non-ASCII."""
+    rng = np.random.default_rng(seed)
+    words = "the king queen lord sweet love death night day O thou art é 名 ! ? , . ; :".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for i in range(n_docs):
+        lines = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(rng.integers(1, 30))]
+        texts.append("\n".join(lines) + "\n" * int(rng.integers(0, 3)))
+        (folder / f"doc{i:05d}.txt").write_text(texts[-1], encoding="utf-8")
+    return texts
+
+
+def expected(texts):
+    return [t for text in texts if text.strip() for t in ENC.encode_ordinary(text) + [50256]]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_shards_chunks_and_workers_give_the_same_tokens(tmp_path, monkeypatch, workers):
+    texts = corpus(tmp_path / "c", 60)
+    monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 300)  # many batches, big files in pieces
+    prepare_data.main(["--input", str(tmp_path / "c"), "--name", "c", "--out_dir", str(tmp_path),
+                       "--shard_tokens", "1000", "--workers", workers])
+    train, val, meta = load(tmp_path / "c")
+    assert np.concatenate([train, val]).tolist() == expected(texts)
+    sizes = [len(prepare_data.read_shard(f)) for f in sorted((tmp_path / "c").glob("*_train_*"))]
+    assert sizes[:-1] == [1000] * (len(sizes) - 1) and 0 < sizes[-1] <= 1000
+    assert meta["train_shards"] == len(sizes) and len(val) == min(1000, meta["val_tokens"])
+
+
+def test_a_large_file_in_pieces_has_the_whole_files_tokens(tmp_path, monkeypatch):
+    text = "".join(corpus(tmp_path / "c", 40)) + "  \n\n x\ny \n\tz\n"
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 100)
+    prepare_data.main(["--input", str(tmp_path / "big.txt"), "--out_dir", str(tmp_path), "--workers=1"])
+    train, val, _ = load(tmp_path / "big")
+    assert np.concatenate([train, val]).tolist() == ENC.encode_ordinary(text) + [50256]
+
+
+def test_peak_memory_stays_flat_as_the_corpus_grows(tmp_path, monkeypatch):
+    # tracemalloc sees Python objects and numpy arrays: holding every token in a list (the old way)
+    # takes ~40 bytes per token, here ~1.4 MB for the small corpus and ~5.6 MB for the large one.
+    monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 4096)
+    peaks = []
+    for n_docs in (100, 800):
+        corpus(tmp_path / f"c{n_docs}", n_docs)
+        tracemalloc.start()
+        prepare_data.main(["--input", str(tmp_path / f"c{n_docs}"), "--out_dir", str(tmp_path),
+                           "--workers=1", "--shard_tokens=20000"])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.2 * peaks[0] + 100_000 and peaks[1] < 1_000_000, peaks
+
+
+def test_json_lines_plain_and_gzipped(tmp_path, capsys):
+    rows = [{"text": DOC1, "id": 1}, {"text": "   "}, {"text": DOC2}]
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n\n"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(tmp_path / "in" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines.replace('"text"', '"body"'))
+    prepare_data.main(["--input", str(tmp_path / "in" / "b.jsonl.gz"), "--text_field", "body",
+                       "--out_dir", str(tmp_path), "--val_fraction", "0.3"])
+    train, val, meta = load(tmp_path / "b")
+    assert np.concatenate([train, val]).tolist() == expected([DOC1, DOC2])
+    assert "2 documents" in capsys.readouterr().out
+    (tmp_path / "in" / "c.txt").write_text(DOC2, encoding="utf-8")       # a folder of both kinds
+    prepare_data.main(["--input", str(tmp_path / "in" / "a.jsonl"), str(tmp_path / "in" / "c.txt"),
+                       "--name", "mix", "--out_dir", str(tmp_path)])
+    train, val, meta = load(tmp_path / "mix")
+    assert np.concatenate([train, val]).tolist() == expected([DOC1, DOC2, DOC2])
+    err = run_error(capsys, ["--input", str(tmp_path / "in"), "--out_dir", str(tmp_path)])
+    assert "b.jsonl.gz, line 1" in err and "--text_field" in err  # no "text" field in b.jsonl.gz
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    err = run_error(capsys, ["--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path)])
+    assert "bad.jsonl, line 2" in err
+
+
+def test_hugging_face_dataset_streamed_from_a_local_folder(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    (tmp_path / "hf").mkdir()
+    rows = [{"text": DOC1}, {"text": DOC2}] * 3
+    (tmp_path / "hf" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_data.main(["--hf_dataset", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"),
+                       "--workers=2"])
+    train, val, meta = load(tmp_path / "out" / "hf")
+    assert np.concatenate([train, val]).tolist() == expected([r["text"] for r in rows])
+    assert meta["sources"] == [str(tmp_path / "hf")]
+    err = run_error(capsys, ["--hf_dataset", str(tmp_path / "hf"), "--text_field", "body",
+                             "--out_dir", str(tmp_path / "out")])
+    assert "no text field 'body'" in err
+
+
+def test_without_datasets_the_option_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    err = run_error(capsys, ["--hf_dataset", "Skylion007/openwebtext", "--out_dir", str(tmp_path)])
+    assert "pip install datasets" in err
+
+
+def test_a_new_run_replaces_the_old_shards(tmp_path):
+    corpus(tmp_path / "c", 30)
+    args = ["--input", str(tmp_path / "c"), "--out_dir", str(tmp_path), "--shard_tokens"]
+    prepare_data.main([*args, "500"])
+    (tmp_path / "c" / "train.bin").write_bytes(b"")                  # the format before shards
+    prepare_data.main([*args, "100000"])
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.bin")) == ["c_train_000001.bin",
+                                                                    "c_val_000000.bin"]
