@@ -155,9 +155,9 @@ def test_prepare_pairs_builds_fixed_length_examples(tmp_path, capsys):
              {"source": "dog", "target": "green " * 20}, {"source": "sun", "target": "dog"}]
     prepare_data.main(["--pairs", write_jsonl(tmp_path / "p.jsonl", pairs), "--block_size=8",
                        "--out_dir", str(tmp_path / "data"), "--val_fraction=0.25"])
-    assert "1 sources and 1 targets truncated" in capsys.readouterr().out
-    train_rows = prepare_data.read_shard(tmp_path / "data" / "p" / "p_train_000001.bin").reshape(-1, 8).tolist()
-    val_rows = prepare_data.read_shard(tmp_path / "data" / "p" / "p_val_000000.bin").reshape(-1, 8).tolist()
+    assert "1 sources and 1 targets cut" in capsys.readouterr().out
+    train_rows = np.fromfile(tmp_path / "data" / "p" / "p_train_000001.bin", np.uint16, offset=1024).reshape(-1, 8).tolist()
+    val_rows = np.fromfile(tmp_path / "data" / "p" / "p_val_000000.bin", np.uint16, offset=1024).reshape(-1, 8).tolist()
     meta = json.loads((tmp_path / "data" / "p" / "meta.json").read_text())
     assert len(train_rows) == 3 and len(val_rows) == 1 and meta["pairs"] and meta["block_size"] == 8
     enc = sample.tiktoken.get_encoding("gpt2")

@@ -1,3 +1,4 @@
+import collections
 import gzip
 import json
 import subprocess
@@ -16,10 +17,14 @@ DOC1 = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
 DOC2 = "All:\nSpeak, speak. Resolved, resolved to die than to famish?\n" * 3
 
 
+def read_shard(path):
+    return np.fromfile(path, dtype=np.uint16, offset=1024)
+
+
 def load(d):
     """All train shards' tokens in order, the val shard's, meta.json."""
-    train = np.concatenate([prepare_data.read_shard(f) for f in sorted(d.glob("*_train_*.bin"))])
-    val = np.concatenate([prepare_data.read_shard(f) for f in sorted(d.glob("*_val_*.bin"))])
+    train = np.concatenate([read_shard(f) for f in sorted(d.glob("*_train_*.bin"))])
+    val = np.concatenate([read_shard(f) for f in sorted(d.glob("*_val_*.bin"))])
     return train, val, json.loads((d / "meta.json").read_text())
 
 
@@ -49,10 +54,12 @@ def test_round_trip_folder(tmp_path):
     assert text == DOC1 + "<|endoftext|>" + DOC2 + "<|endoftext|>"
     assert sorted(p.name for p in (out / "x").iterdir()) == [
         "meta.json", "x_train_000001.bin", "x_val_000000.bin"]
-    assert meta["train_tokens"] == len(train) == ((out / "x" / "x_train_000001.bin").stat().st_size - 1024) // 2
-    assert meta["val_tokens"] == len(val) == round(0.1 * (len(train) + len(val)))
+    shard_bytes = (out / "x" / "x_train_000001.bin").stat().st_size
+    assert meta["train_tokens"] == len(train) == (shard_bytes - 1024) // 2
+    assert meta["val_tokens"] == len(val) == int(0.1 * (len(train) + len(val)))
     assert meta["sources"] == [str(src)]
-    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    kind = (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"])
+    assert kind == ("gpt2", 50257, 50256, "uint16")
     header = np.fromfile(out / "x" / "x_val_000000.bin", dtype=np.int32, count=256)
     assert header[:3].tolist() == [20240520, 1, len(val)] and not header[3:].any()
 
@@ -64,7 +71,7 @@ def test_single_file_default_name(tmp_path):
     prepare_data.main(["--input", str(f), "--out_dir", str(out), "--val_fraction", "0.25"])
     train, val, meta = load(out / "sonnets")
     assert train[-1] != 50256 and val[-1] == 50256  # the eot closes the document, in val
-    assert len(val) == round(0.25 * (len(train) + len(val)))
+    assert len(val) == int(0.25 * (len(train) + len(val)))
     assert meta["sources"] == [str(f)]
 
 
@@ -76,9 +83,11 @@ def test_missing_path(tmp_path, capsys):
 
 def test_empty_inputs(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("  \n\n")
-    assert "empty" in run_error(capsys, ["--input", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path)])
+    err = run_error(capsys, ["--input", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path)])
+    assert "no non-blank .txt/.jsonl/.jsonl.gz text in" in err
     (tmp_path / "nodocs").mkdir()
-    assert "no .txt, .jsonl or .jsonl.gz files" in run_error(capsys, ["--input", str(tmp_path / "nodocs"), "--out_dir", str(tmp_path)])
+    err = run_error(capsys, ["--input", str(tmp_path / "nodocs"), "--out_dir", str(tmp_path)])
+    assert f"no non-blank .txt/.jsonl/.jsonl.gz text in {tmp_path / 'nodocs'}" in err
 
 
 def test_invalid_utf8(tmp_path, capsys):
@@ -93,12 +102,12 @@ def test_too_little_text(tmp_path, capsys):
     tiny.write_text("hi")
     err = run_error(capsys, ["--input", str(tiny), "--out_dir", str(tmp_path)])
     assert "--val_fraction" in err
-    assert not (tmp_path / "tiny").exists()
+    assert not list((tmp_path / "tiny").glob("*.bin"))
 
 
 def test_script_exits_cleanly(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--input", "missing.txt"],
-                       cwd=tmp_path, capture_output=True, text=True)
+                       cwd=tmp_path, capture_output=True, text=True, check=False)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "missing.txt" in r.stderr
     assert "Traceback" not in r.stderr
@@ -113,11 +122,12 @@ ENC = tiktoken.get_encoding("gpt2")
 def corpus(folder, n_docs, seed=0):
     """n_docs .txt documents of a few hundred characters, some multi-line, one with non-ASCII."""
     rng = np.random.default_rng(seed)
-    words = "the king queen lord sweet love death night day O thou art é 名 ! ? , . ; :".split()
+    words = ["the", "king", "queen", "lord", "sweet", "love", "O", "thou", "é", "名", "!", ","]
     folder.mkdir(parents=True, exist_ok=True)
     texts = []
     for i in range(n_docs):
-        lines = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(rng.integers(1, 30))]
+        n_lines = rng.integers(1, 30)
+        lines = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(n_lines)]
         texts.append("\n".join(lines) + "\n" * int(rng.integers(0, 3)))
         (folder / f"doc{i:05d}.txt").write_text(texts[-1], encoding="utf-8")
     return texts
@@ -127,37 +137,41 @@ def expected(texts):
     return [t for text in texts if text.strip() for t in ENC.encode_ordinary(text) + [50256]]
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_shards_chunks_and_workers_give_the_same_tokens(tmp_path, monkeypatch, workers):
+def test_shards_and_workers(tmp_path, monkeypatch):
     texts = corpus(tmp_path / "c", 60)
-    monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 300)  # many batches, big files in pieces
-    prepare_data.main(["--input", str(tmp_path / "c"), "--name", "c", "--out_dir", str(tmp_path),
-                       "--shard_tokens", "1000", "--workers", workers])
-    train, val, meta = load(tmp_path / "c")
-    assert np.concatenate([train, val]).tolist() == expected(texts)
-    sizes = [len(prepare_data.read_shard(f)) for f in sorted((tmp_path / "c").glob("*_train_*"))]
+    monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 300)  # many batches, each with a val tail
+    for workers in ("1", "2"):
+        prepare_data.main(["--input", str(tmp_path / "c"), "--name", f"w{workers}", "--out_dir",
+                           str(tmp_path), "--shard_tokens", "1000", "--workers", workers])
+    train, val, meta = load(tmp_path / "w1")
+    assert sorted(np.concatenate([train, val]).tolist()) == sorted(expected(texts))
+    assert len(val) == meta["val_tokens"] == int(0.1 * (len(train) + len(val)))
+    sizes = [len(read_shard(f)) for f in sorted((tmp_path / "w1").glob("*_train_*"))]
     assert sizes[:-1] == [1000] * (len(sizes) - 1) and 0 < sizes[-1] <= 1000
-    assert meta["train_shards"] == len(sizes) and len(val) == min(1000, meta["val_tokens"])
+    assert meta["train_shards"] == len(sizes) > 3
+    for shard in (tmp_path / "w2").glob("*.bin"):                    # the same with two workers
+        assert shard.read_bytes() == (tmp_path / "w1" / shard.name.replace("w2", "w1")).read_bytes()
 
 
 def test_a_large_file_in_pieces_has_the_whole_files_tokens(tmp_path, monkeypatch):
     text = "".join(corpus(tmp_path / "c", 40)) + "  \n\n x\ny \n\tz\n"
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 100)
-    prepare_data.main(["--input", str(tmp_path / "big.txt"), "--out_dir", str(tmp_path), "--workers=1"])
-    train, val, _ = load(tmp_path / "big")
-    assert np.concatenate([train, val]).tolist() == ENC.encode_ordinary(text) + [50256]
+    pieces = list(prepare_data.text_pieces(tmp_path / "big.txt", collections.Counter()))
+    assert len(pieces) > 20 and "".join(p for p, _ in pieces) == text and pieces[-1][1]
+    assert [t for p, _ in pieces for t in ENC.encode_ordinary(p)] == ENC.encode_ordinary(text)
 
 
 def test_peak_memory_stays_flat_as_the_corpus_grows(tmp_path, monkeypatch):
     # tracemalloc sees Python objects and numpy arrays: holding every token in a list (the old way)
-    # takes ~40 bytes per token, here ~1.4 MB for the small corpus and ~5.6 MB for the large one.
+    # takes ~40 bytes per token, here ~1 MB for the small corpus and ~8 MB for the large one.
     monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 4096)
     peaks = []
-    for n_docs in (100, 800):
-        corpus(tmp_path / f"c{n_docs}", n_docs)
+    for repeats in (1, 8):                            # the same 50 files, 8 times longer
+        for i, text in enumerate(corpus(tmp_path / "c", 50)):
+            (tmp_path / "c" / f"doc{i:05d}.txt").write_text(text * repeats * 4, encoding="utf-8")
         tracemalloc.start()
-        prepare_data.main(["--input", str(tmp_path / f"c{n_docs}"), "--out_dir", str(tmp_path),
+        prepare_data.main(["--input", str(tmp_path / "c"), "--out_dir", str(tmp_path),
                            "--workers=1", "--shard_tokens=20000"])
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
@@ -173,13 +187,13 @@ def test_json_lines_plain_and_gzipped(tmp_path, capsys):
         f.write(lines.replace('"text"', '"body"'))
     prepare_data.main(["--input", str(tmp_path / "in" / "b.jsonl.gz"), "--text_field", "body",
                        "--out_dir", str(tmp_path), "--val_fraction", "0.3"])
-    train, val, meta = load(tmp_path / "b")
+    train, val, _ = load(tmp_path / "b")
     assert np.concatenate([train, val]).tolist() == expected([DOC1, DOC2])
     assert "2 documents" in capsys.readouterr().out
     (tmp_path / "in" / "c.txt").write_text(DOC2, encoding="utf-8")       # a folder of both kinds
     prepare_data.main(["--input", str(tmp_path / "in" / "a.jsonl"), str(tmp_path / "in" / "c.txt"),
                        "--name", "mix", "--out_dir", str(tmp_path)])
-    train, val, meta = load(tmp_path / "mix")
+    train, val, _ = load(tmp_path / "mix")
     assert np.concatenate([train, val]).tolist() == expected([DOC1, DOC2, DOC2])
     err = run_error(capsys, ["--input", str(tmp_path / "in"), "--out_dir", str(tmp_path)])
     assert "b.jsonl.gz, line 1" in err and "--text_field" in err  # no "text" field in b.jsonl.gz
@@ -213,7 +227,6 @@ def test_a_new_run_replaces_the_old_shards(tmp_path):
     corpus(tmp_path / "c", 30)
     args = ["--input", str(tmp_path / "c"), "--out_dir", str(tmp_path), "--shard_tokens"]
     prepare_data.main([*args, "500"])
-    (tmp_path / "c" / "train.bin").write_bytes(b"")                  # the format before shards
     prepare_data.main([*args, "100000"])
     assert sorted(p.name for p in (tmp_path / "c").glob("*.bin")) == ["c_train_000001.bin",
                                                                     "c_val_000000.bin"]
