@@ -170,8 +170,8 @@ def encode(batch):  # encode_ordinary: a literal "<|endoftext|>" in the text sta
     ids = (get_encoder().encode_ordinary(text) + [EOT] * ends for text, ends in batch)
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16)
 
-def tokenize(batches, workers):
-    """Each batch's tokens in order, two batches per worker at a time (Pool.imap would read all)."""
+def tokenize(batches, workers):  # in order, two batches per worker at a time (Pool.imap: all)
+    get_encoder()                   # fails here rather than in a worker; forked workers inherit it
     with multiprocessing.Pool(workers) as pool:
         while window := list(itertools.islice(batches, 2 * workers)):
             yield from pool.map(encode, window)
