@@ -95,8 +95,7 @@ def write_shards(folder, name, parts, size, unit, val_fraction, stats):
             f.write(header(count))
     return train, val
 
-def walk(path):
-    """The input files of a path one at a time: a file itself, or a folder's, in sorted order."""
+def walk(path):  # the input files of a path one at a time: a file, or a folder's in sorted order
     if not path.exists():
         fail(f"input path does not exist: {path}")
     yield from [] if path.is_dir() else [path]
@@ -122,8 +121,7 @@ def text_pieces(path, stats):
             carry = text[cut:]
     yield carry, True
 
-def jsonl_texts(path, field, stats):
-    """The text fields of a .jsonl or .jsonl.gz file, one line at a time."""
+def jsonl_texts(path, field, stats):  # the text fields of a .jsonl or .jsonl.gz file, line by line
     with open(path, "rb") as raw, (gzip.open(raw) if path.suffix == ".gz" else raw) as lines:
         number, start = 0, stats["bytes"]
         try:
@@ -136,8 +134,7 @@ def jsonl_texts(path, field, stats):
         except (ValueError, OSError, EOFError) as e:      # bad JSON or UTF-8, a damaged .gz
             fail(f"{path}, line {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
-def hf_texts(name, config, field, stats):
-    """The text fields of a Hugging Face dataset's rows, streamed: nothing is downloaded ahead."""
+def hf_texts(name, config, field, stats):  # a Hugging Face dataset's texts, streamed
     try:
         import datasets
         rows = datasets.load_dataset(name, config, split="train", streaming=True)
@@ -151,8 +148,7 @@ def hf_texts(name, config, field, stats):
         stats["bytes"] += len(row[field])
         yield row[field], True
 
-def batches(pieces, stats, total_bytes):
-    """Non-blank pieces in batches of about CHUNK_CHARS of text; progress every 10 seconds."""
+def batches(pieces, stats, total_bytes):  # non-blank pieces, about CHUNK_CHARS at a time
     batch, chars, shown = [], 0, time.perf_counter()
     for text, ends in pieces:
         if text.strip():                            # blank documents are left out
@@ -170,11 +166,15 @@ def encode(batch):  # encode_ordinary: a literal "<|endoftext|>" in the text sta
     ids = (get_encoder().encode_ordinary(text) + [EOT] * ends for text, ends in batch)
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16)
 
-def tokenize(batches, workers):  # in order, two batches per worker at a time (Pool.imap: all)
+def tokenize(batches, workers):
+    """Each batch's tokens, in order; the next window is read here while the last one runs."""
     get_encoder()                   # fails here rather than in a worker; forked workers inherit it
     with multiprocessing.Pool(workers) as pool:
+        running = pool.map_async(encode, [])
         while window := list(itertools.islice(batches, 2 * workers)):
-            yield from pool.map(encode, window)
+            done, running = running, pool.map_async(encode, window)
+            yield from done.get()
+        yield from running.get()
 
 def progress(stats, total=0):
     seconds, megabytes = time.perf_counter() - stats["start"], stats["bytes"] / 1e6
