@@ -2,7 +2,7 @@
 
     python prepare_data.py                                       # Tiny Shakespeare (downloaded)
     python prepare_data.py --input notes.txt books/ web.jsonl.gz --name mix
-    python prepare_data.py --hf_dataset Skylion007/openwebtext   # streamed; pip install datasets
+    python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT
     python prepare_data.py --pairs pairs.jsonl --block_size 64   # {"source": ..., "target": ...}
 
 Writes data/NAME/NAME_val_000000.bin, NAME_train_000001.bin, ... (llm.c's shards), meta.json; the
