@@ -129,10 +129,10 @@ def open_shards(tc, mc, split):
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
         head, size = np.fromfile(path, dtype="<i4", count=256), os.path.getsize(path)
         if len(head) < 256 or head[0] != SHARD_MAGIC or head[1] != SHARD_VERSION:
-            raise ConfigError(f"{path}: not a token shard (no llm.c header); re-run prepare_data.py")
+            raise ConfigError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
         if size != HEADER_BYTES + 2 * int(head[2]):
-            raise ConfigError(f"{path}: truncated, {size:,} bytes for the {head[2]:,} tokens of its "
-                              "header; re-run prepare_data.py")
+            raise ConfigError(f"{path}: truncated, {size:,} bytes for its header's {head[2]:,} "
+                              "tokens; re-run prepare_data.py")
         shards.append((path, int(head[2])))
     if not shards:
         raise ConfigError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
