@@ -1,21 +1,30 @@
-"""
-Tokenize UTF-8 text into uint16 token shards for the diffusion language model.
+"""Tokenize text into GPT-2 token shards for the diffusion language model: streamed, on all cores.
 
-    python prepare_data.py                                   # Tiny Shakespeare
-    python prepare_data.py --input notes.txt books/ --name mix
-    python prepare_data.py --pairs pairs.jsonl --block_size 64     # {"source": ..., "target": ...} per line
+    python prepare_data.py                                       # Tiny Shakespeare (downloaded)
+    python prepare_data.py --input notes.txt books/ web.jsonl.gz --name mix
+    python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT
+    python prepare_data.py --pairs pairs.jsonl --block_size 64   # {"source": ..., "target": ...}
 
-Writes <out_dir>/<name>/train.bin, val.bin (raw np.uint16) and meta.json. Each file is one document;
-GPT-2's end-of-text token follows every document. With --pairs each line is one example (ELF.md §6).
-"""
+Writes data/NAME/NAME_val_000000.bin, NAME_train_000001.bin, ... (llm.c's shards), meta.json; the
+end-of-text token follows every document (a .txt file, a JSON line, a dataset row)."""
 import argparse
+import collections
+import functools
+import gzip
+import itertools
 import json
+import multiprocessing
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+MAGIC, VERSION, HEADER_BYTES, EOT = 20240520, 1, 256 * 4, 50256
+CHUNK_CHARS = 1 << 20  # text per tokenizer task; a few tasks per worker in flight bound the memory
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 
 def fail(msg):  # one clear line on stderr instead of a traceback; tests catch the SystemExit
     print(f"error: {msg}", file=sys.stderr)
@@ -23,128 +32,219 @@ def fail(msg):  # one clear line on stderr instead of a traceback; tests catch t
 
 def download_shakespeare(out_dir):
     path = Path(out_dir) / "tinyshakespeare.txt"
-    if path.exists():
-        return path
     url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()  # fully in memory first: no half-written file on failure
+        if not path.exists():
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data = r.read()  # fully in memory first: no half-written file on failure
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
     except OSError as e:  # URLError, timeouts and DNS failures are all OSErrors
         fail(f"could not download Tiny Shakespeare ({e}); pass --input path/to/tinyshakespeare.txt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
     return path
 
-def find_files(paths):
-    files = []
-    for p in map(Path, paths):
-        if not p.exists():
-            fail(f"input path does not exist: {p}")
-        found = sorted(f for f in p.rglob("*.txt") if f.is_file()) if p.is_dir() else [p]
-        if not found:
-            fail(f"no .txt files found in folder {p}")
-        files += found
-    return files
-
-def read_documents(paths):
-    """Return [(path, text)] for every non-blank document, in the order given."""
-    docs = []
-    for f in find_files(paths):
-        raw = f.read_bytes()
-        try:
-            text = raw.decode("utf-8")  # the whole file at once, so that e.start is the true byte offset
-        except UnicodeDecodeError as e:
-            fail(f"{f} is not valid UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 1]!r})")
-        if text.strip():  # blank files would only add stray end-of-text tokens
-            docs.append((f, text))
-    if not docs:
-        fail("input is empty: every file is empty or whitespace only")
-    return docs
-
+@functools.cache
 def get_encoder():
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline without a cache: network error deep in tiktoken
-        fail(f"could not load the gpt2 tokenizer ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding its files")
+    except Exception as e:  # noqa: BLE001 (offline without a cache: a network error deep inside)
+        fail(f"no gpt2 tokenizer ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to its files' folder")
 
-def decode_texts(rows, eot=50256):
-    """Rows of token ids (samples) -> strings, each cut at its first end-of-text token."""
-    enc = get_encoder()
-    return [enc.decode(row[:row.index(eot)] if eot in row else row) for row in rows]
-
-def tokenize(docs):
-    enc = get_encoder()
-    assert enc.n_vocab <= 2**16, "token ids must fit in uint16"
-    # encode_ordinary: a literal "<|endoftext|>" in the text stays plain text
-    return np.array([i for _, text in docs for i in enc.encode_ordinary(text) + [enc.eot_token]], dtype=np.uint16)
+def decode_texts(rows, eot=EOT):  # samples' tokens -> strings, each cut at its first end-of-text
+    return [get_encoder().decode(row[:row.index(eot)] if eot in row else row) for row in rows]
 
 def read_jsonl(path, *keys):
-    """The rows of a JSON-lines file if there are any and each is an object with these string fields, else None."""
+    """All rows of a JSON-lines file if each is an object with these string fields, else None."""
     try:
-        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-        if rows and all(isinstance(row, dict) and all(isinstance(row.get(k), str) for k in keys) for row in rows):
-            return rows
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return None
+    ok = all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows)
+    return rows if rows and ok else None
 
-def pair_examples(path, block_size, eot=50256):
-    """Examples source + end-of-text + target, padded with end-of-text to block_size; the condition is all up to
-    the first end-of-text. Too long: the source gives way first (down to half the block), then the target;
-    both are counted. Returns (tokens, what meta.json says of them)."""
-    if block_size < 4:
-        fail(f"--block_size {block_size} leaves no room for a source and a target: use at least 4")
-    enc, rows, cut_sources, cut_targets = get_encoder(), [], 0, 0
-    pairs = read_jsonl(path, "source", "target") or fail(f'{path}: missing, or no {{"source", "target"}} lines')
-    for pair in pairs:
-        source, target = enc.encode_ordinary(pair["source"]), enc.encode_ordinary(pair["target"])
-        keep = max(block_size // 2 - 1, block_size - 2 - len(target))
-        example = source[:keep] + [eot] + target + [eot]
-        cut_sources, cut_targets = cut_sources + (len(source) > keep), cut_targets + (len(example) > block_size)
-        rows.append(example[:block_size] + [eot] * (block_size - len(example)))
-    return np.array(rows, dtype=np.uint16).ravel(), dict(pairs=True, block_size=block_size,
-                                                         truncated_sources=cut_sources, truncated_targets=cut_targets)
+def header(count):  # llm.c's shards: 256 int32 (magic, version, token count), uint16 tokens
+    return np.array([MAGIC, VERSION, count] + [0] * 253, dtype="<i4").tobytes()
 
-def write_split(tokens, out_dir, name, val_fraction, sources, **extra):
-    # a plain cut of the concatenated stream (between paired examples): deterministic and order preserving
-    unit = extra.get("block_size", 1)
-    n_val = round(len(tokens) // unit * val_fraction) * unit
-    n_train = len(tokens) - n_val
-    if min(n_val, n_train) < max(2, unit):
-        fail(f"only {len(tokens)} tokens: the split gives {n_train} train / {n_val} val, "
-             "need at least 2 tokens (or one pair) each; use more text or change --val_fraction")
-    d = Path(out_dir) / name
-    d.mkdir(parents=True, exist_ok=True)
-    tokens[:n_train].tofile(d / "train.bin")
-    tokens[n_train:].tofile(d / "val.bin")
-    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256, "train_tokens": int(n_train),
-            "val_tokens": int(n_val), "sources": [str(s) for s in sources], "dtype": "uint16", **extra}
-    (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return d, meta
+def write_shard(path, tokens):  # a whole shard at once, for tests and small tools
+    Path(path).write_bytes(header(len(tokens)) + np.asarray(tokens, dtype="<u2").tobytes())
+
+def append(shards, tokens, size, shard_path):
+    """Appends tokens to the last of shards ([path, count]), or to shard_path(i) when full."""
+    while len(tokens):
+        if not shards or shards[-1][1] == size:
+            shards.append([shard_path(len(shards)), 0])
+            shards[-1][0].write_bytes(header(0))
+        room = size - shards[-1][1]
+        with open(shards[-1][0], "ab") as f:
+            f.write(tokens[:room].astype("<u2"))
+        shards[-1][1], tokens = shards[-1][1] + len(tokens[:room]), tokens[room:]
+
+def write_shards(folder, name, parts, size, unit, val_fraction, stats):
+    """Token arrays into train shards as they come; each one's tail to val (val_fraction so far)."""
+    train, val = [], []
+    for part in parts:
+        stats["tokens"] += len(part)
+        val_so_far = min(int(stats["tokens"] // unit * val_fraction) * unit, size)
+        cut = len(part) - val_so_far + sum(n for _, n in val)
+        append(train, part[:cut], size, lambda i: folder / f"{name}_train_{i + 1:06d}.bin")
+        append(val, part[cut:], size, lambda i: folder / f"{name}_val_{i:06d}.bin")
+    for path, count in train + val:
+        with open(path, "r+b") as f:
+            f.write(header(count))
+    return train, val
+
+def walk(path):  # the input files of a path one at a time: a file, or a folder's in sorted order
+    if not path.exists():
+        fail(f"input path does not exist: {path}")
+    yield from [] if path.is_dir() else [path]
+    for root, dirs, names in os.walk(path):         # nothing for a file
+        dirs.sort()                                 # in place: os.walk then visits them in order
+        yield from (Path(root, n) for n in sorted(names) if n.endswith(SUFFIXES))
+
+def text_pieces(path, stats):
+    """A text file, however large, in pieces of about CHUNK_CHARS, each cut after a line break
+    between non-blank characters: GPT-2 always splits there, so the tokens are the whole file's."""
+    carry = ""
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_CHARS) + f.readline():  # whole lines, whole UTF-8 characters
+            try:
+                text = carry + chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{path} is not valid UTF-8 (byte offset {f.tell() - len(chunk) + e.start}: "
+                     f"{chunk[e.start:e.start + 1]!r})")
+            stats["bytes"], cut, i = stats["bytes"] + len(chunk), 0, len(text) - 1
+            while not cut and (i := text.rfind("\n", 0, i)) > 0:
+                cut = 0 if text[i - 1].isspace() or text[i + 1].isspace() else i + 1
+            yield text[:cut], False
+            carry = text[cut:]
+    yield carry, True
+
+def jsonl_texts(path, field, stats):  # the text fields of a .jsonl or .jsonl.gz file, line by line
+    with open(path, "rb") as raw, (gzip.open(raw) if path.suffix == ".gz" else raw) as lines:
+        number, start = 0, stats["bytes"]
+        try:
+            for number, line in enumerate(lines, 1):
+                stats["bytes"] = start + raw.tell()         # read from disk, compressed or not
+                row = json.loads(line) if line.strip() else {field: ""}
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    fail(f"{path}, line {number}: no text field {field!r} (see --text_field)")
+                yield row[field], True
+        except (ValueError, OSError, EOFError) as e:      # bad JSON or UTF-8, a damaged .gz
+            fail(f"{path}, line {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+def hf_texts(name, config, field, stats):  # a Hugging Face dataset's texts, streamed
+    try:
+        import datasets
+        rows = datasets.load_dataset(name, config, split="train", streaming=True)
+    except ImportError:
+        fail("--hf_dataset needs the optional `datasets` package: pip install datasets")
+    except Exception as e:  # noqa: BLE001 (unknown names, network, configs: many kinds)
+        fail(f"could not open dataset {name} ({type(e).__name__}: {str(e).splitlines()[0]})")
+    for row in rows:
+        if not isinstance(row.get(field), str):
+            fail(f"dataset {name!r} has no text field {field!r} (see --text_field)")
+        stats["bytes"] += len(row[field])
+        yield row[field], True
+
+def batches(pieces, stats, total_bytes):  # non-blank pieces, about CHUNK_CHARS at a time
+    batch, chars, shown = [], 0, time.perf_counter()
+    for text, ends in pieces:
+        if text.strip():                            # blank documents are left out
+            batch.append((text, ends))
+            chars, stats["documents"] = chars + len(text), stats["documents"] + ends
+        if chars >= CHUNK_CHARS:
+            yield batch
+            batch, chars = [], 0
+        if time.perf_counter() > shown + 10:
+            shown = time.perf_counter()
+            print(progress(stats, total_bytes), flush=True)
+    yield batch
+
+def encode(batch):  # encode_ordinary: a literal "<|endoftext|>" in the text stays text
+    ids = (get_encoder().encode_ordinary(text) + [EOT] * ends for text, ends in batch)
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16)
+
+def tokenize(batches, workers):
+    """Each batch's tokens, in order; the next window is read here while the last one runs."""
+    get_encoder()                   # fails here rather than in a worker; forked workers inherit it
+    with multiprocessing.Pool(workers) as pool:
+        running = pool.map_async(encode, [])
+        while window := list(itertools.islice(batches, 2 * workers)):
+            done, running = running, pool.map_async(encode, window)
+            yield from done.get()
+        yield from running.get()
+
+def progress(stats, total=0):
+    seconds, megabytes = time.perf_counter() - stats["start"], stats["bytes"] / 1e6
+    eta = f", ETA {(total / 1e6 / megabytes - 1) * seconds / 60:.1f} min" if total else ""
+    return (f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {megabytes:,.1f} MB in "
+            f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s{eta})")
+
+def pair_examples(path, block_size, stats):
+    """Source, end-of-text, target, end-of-text padding to block_size (ELF.md §6), in stats."""
+    for pair in read_jsonl(path, "source", "target") or fail(f"{path}: missing, or not all pairs"):
+        source, target = (get_encoder().encode_ordinary(pair[k]) for k in ("source", "target"))
+        keep = max(block_size // 2 - 1, block_size - 2 - len(target))  # source gives way first
+        example = source[:keep] + [EOT] + target + [EOT]
+        stats["documents"] += 1
+        stats["truncated_sources"] += len(source) > keep
+        stats["truncated_targets"] += len(example) > block_size
+        yield np.array(example[:block_size] + [EOT] * (block_size - len(example)), dtype=np.uint16)
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Tokenize UTF-8 text into uint16 shards (GPT-2 BPE).")
-    ap.add_argument("--input", nargs="+", help="text files and/or folders of *.txt (default: download Tiny Shakespeare)")
-    ap.add_argument("--name", help="dataset name (default: stem of the first input)")
+    ap = argparse.ArgumentParser(description="Tokenize text into GPT-2 token shards.")
+    ap.add_argument("--input", nargs="+", help=f"{'/'.join(SUFFIXES)} files, folders of them")
+    ap.add_argument("--hf_dataset", help="a Hugging Face dataset, streamed (pip install datasets)")
+    ap.add_argument("--hf_config", help="its configuration, e.g. sample-10BT")
+    ap.add_argument("--text_field", default="text", help="of JSON lines and dataset rows")
+    ap.add_argument("--name", help="dataset name (default: from the first input)")
     ap.add_argument("--out_dir", default="data")
-    ap.add_argument("--val_fraction", type=float, default=0.1)
-    ap.add_argument("--pairs", help='JSON lines {"source": ..., "target": ...}: conditional examples')
+    ap.add_argument("--val_fraction", type=float, default=0.1, help="of the tokens, up to a shard")
+    ap.add_argument("--shard_tokens", type=int, default=100_000_000)
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
+    ap.add_argument("--pairs", help='JSON lines {"source": ..., "target": ...}: paired examples')
     ap.add_argument("--block_size", type=int, default=64, help="with --pairs: tokens per example")
     args = ap.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    inputs = [args.pairs] if args.pairs else args.input or [download_shakespeare(args.out_dir)]
-    if args.pairs:
-        tokens, extra = pair_examples(args.pairs, args.block_size)
-        sources, what = [args.pairs], (f"{len(tokens) // args.block_size:,} pairs ({extra['truncated_sources']} "
-                                       f"sources and {extra['truncated_targets']} targets truncated to fit)")
-    else:
-        docs = read_documents(inputs)
-        tokens, sources, what, extra = tokenize(docs), [p for p, _ in docs], f"{len(docs)} document(s)", {}
-    name = args.name or Path(os.path.abspath(inputs[0])).stem
-    d, meta = write_split(tokens, args.out_dir, name, args.val_fraction, sources, **extra)
-    print(f"{what}, {len(tokens):,} tokens: {meta['train_tokens']:,} train / "
-          f"{meta['val_tokens']:,} val -> {d}/train.bin, val.bin, meta.json")
+    unit = args.block_size if args.pairs else 1             # paired examples are never cut
+    if not (0 < args.val_fraction < 1 and args.workers > 0 and args.shard_tokens >= unit > 3 * (
+            args.pairs is not None)):
+        fail("want 0 < --val_fraction < 1, --workers > 0, --shard_tokens >= --block_size >= 4")
+    if not (args.pairs or args.hf_dataset or args.input):
+        args.input = [str(download_shakespeare(args.out_dir))]  # the quick start's text
+    sources = [args.pairs] if args.pairs else [args.hf_dataset] if args.hf_dataset else args.input
+    stats = collections.Counter(start=time.perf_counter())
+    total_bytes = sum(f.stat().st_size for path in args.input or [] for f in walk(Path(path)))
+    pieces = (hf_texts(args.hf_dataset, args.hf_config, args.text_field, stats) if args.hf_dataset
+              else (piece for path in args.input or [] for f in walk(Path(path)) for piece in (
+                  jsonl_texts(f, args.text_field, stats) if f.name.endswith(SUFFIXES[1:])
+                  else text_pieces(f, stats))))
+    parts = (tokenize(batches(pieces, stats, total_bytes), args.workers) if not args.pairs else
+             [np.concatenate([*pair_examples(args.pairs, args.block_size, stats)])])  # one part
+    name = args.name or Path(os.path.abspath(sources[0])).name.split(".")[0]
+    (folder := Path(args.out_dir) / name).mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("*_train_*.bin"), *folder.glob("*_val_*.bin")]:
+        old.unlink()                                        # an earlier run's shards
+    size = args.shard_tokens // unit * unit
+    train, val = write_shards(folder, name, parts, size, unit, args.val_fraction, stats)
+    n_train, n_val = (sum(n for _, n in shards) for shards in (train, val))
+    if min(n_train, n_val) < max(2, unit):
+        for path, _ in train + val:
+            os.remove(path)
+        fail(f"only {n_train + n_val} tokens: the split gives {n_train} train / {n_val} val, need "
+             "at least 2 tokens (or one pair) each; use more text or change --val_fraction" if
+             n_train else f"no non-blank {'/'.join(SUFFIXES)} text in {' '.join(sources)}")
+    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
+            "train_tokens": n_train, "val_tokens": n_val, "train_shards": len(train),
+            "sources": list(map(str, sources))}
+    if args.pairs:                                          # read by train.py
+        meta.update(pairs=True, block_size=args.block_size, examples=stats["documents"],
+                    **{k: stats[k] for k in ("truncated_sources", "truncated_targets")})
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    cuts = f" ({stats['truncated_sources']} sources and {stats['truncated_targets']} targets cut)"
+    print(f"{progress(stats)}{cuts * bool(args.pairs)}: {n_train:,} train tokens in {len(train)} "
+          f"shard(s), {n_val:,} val -> {folder}")
 
 if __name__ == "__main__":
     main()

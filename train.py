@@ -8,6 +8,7 @@ Train ELF on tokenized shards (made by prepare_data.py).
 """
 import copy
 import difflib
+import glob
 import inspect
 import json
 import math
@@ -26,13 +27,14 @@ import torch
 import torch.distributed as dist
 
 import sample
+from prepare_data import HEADER_BYTES, MAGIC as SHARD_MAGIC, VERSION as SHARD_VERSION
 from elf import (ELF, EOT, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
                  flops_per_token, micro_batch_generators, peak_flops, to_device)
 
 @dataclass
 class TrainConfig:
     # data and output
-    dataset: str = "tinyshakespeare"  # data/<dataset>/{train,val}.bin
+    dataset: str = "tinyshakespeare"  # data/<dataset>/*_train_*.bin, *_val_*.bin
     data_dir: str = "data"
     out_dir: str = "out"
     model: str = "elf-cpu"            # a named size of elf.MODEL_SIZES; ELFConfig fields override it
@@ -178,35 +180,52 @@ def usage():
     return "\n".join(line.rstrip() for line in text)
 
 # ----------------------------------------------------------------------------------------------
-# Data: random windows of block_size tokens from the memmapped uint16 shards, or, for paired data
-# (prepare_data.py --pairs), whole examples of block_size tokens: source, end-of-text, target, padding.
+# Data: random windows of block_size tokens from a dataset's memmapped shards (llm.c's format), or,
+# for paired data (prepare_data.py --pairs), whole examples: source, end-of-text, target, padding.
 
-def open_shard(tc, mc, split):
-    """(path, paired) of a shard, after the checks that would otherwise fail deep inside training."""
-    path = os.path.join(tc.data_dir, tc.dataset, f"{split}.bin")
-    if not os.path.exists(path):
-        raise ConfigError(f"missing data file {path}: run `python prepare_data.py` first (or pass --dataset/--data_dir)")
-    meta_path, size = os.path.join(tc.data_dir, tc.dataset, "meta.json"), os.path.getsize(path)
+def open_shards(tc, mc, split):
+    """([(path, tokens)], paired): the *_{split}_*.bin shards of the dataset's folder, after the
+    checks that would otherwise fail deep inside training. No meta.json (FineWeb's): GPT-2."""
+    folder, shards = os.path.join(tc.data_dir, tc.dataset), []
+    meta_path = os.path.join(folder, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    if meta.get("dtype", "uint16") != "uint16" or size % 2:
-        raise ConfigError(f"{path} is not a uint16 token shard; re-run prepare_data.py")
     if meta.get("vocab_size", 0) > mc.vocab_size:
-        raise ConfigError(f"{meta_path} says vocab_size {meta['vocab_size']}, more than the model's {mc.vocab_size}")
+        raise ConfigError(f"{meta_path}: vocab_size {meta['vocab_size']} > model's {mc.vocab_size}")
     paired = meta.get("pairs", False)
     if paired and meta["block_size"] != mc.block_size:
-        raise ConfigError(f"{path} has pairs of {meta['block_size']} tokens: pass --block_size={meta['block_size']}")
-    if size // 2 < mc.block_size + (not paired):
-        raise ConfigError(f"{path} has {size // 2} tokens, not more than block_size {mc.block_size}; lower --block_size")
-    return path, paired
+        raise ConfigError(f"{folder} has pairs of {meta['block_size']} tokens: "
+                          f"pass --block_size={meta['block_size']}")
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
+        head, size = np.fromfile(path, dtype="<i4", count=256), os.path.getsize(path)
+        if len(head) < 256 or head[0] != SHARD_MAGIC or head[1] != SHARD_VERSION:
+            raise ConfigError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
+        if size != HEADER_BYTES + 2 * int(head[2]):
+            raise ConfigError(f"{path}: truncated, {size:,} bytes for its header's {head[2]:,} "
+                              "tokens; re-run prepare_data.py")
+        shards.append((path, int(head[2])))
+    if not shards:
+        raise ConfigError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
+                          "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
+    if max(n for _, n in shards) < mc.block_size + (not paired):
+        raise ConfigError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
+    return shards, paired
 
-def get_batch(path, batch, block_size, generator, vocab_size, paired=False):
-    # A fresh memmap per batch keeps memory flat over long runs (numpy's memmap caches pages otherwise).
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    count, unit = (len(data) // block_size, block_size) if paired else (len(data) - block_size, 1)
-    starts = (torch.randint(count, (batch,), generator=generator) * unit).tolist()
-    tokens = np.stack([data[s:s + block_size] for s in starts])
+def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
+    """Windows drawn uniformly among all shards' windows: shards in proportion to their sizes."""
+    counts = np.array([n // block_size if paired else max(n - block_size, 0) for _, n in shards])
+    ends = np.cumsum(counts)
+    picks = torch.randint(int(ends[-1]), (batch,), generator=generator).numpy()
+    which = np.searchsorted(ends, picks, side="right")
+    starts = (picks - ends[which] + counts[which]) * (block_size if paired else 1)
+    tokens = np.empty((batch, block_size), dtype=np.uint16)
+    for i in np.unique(which):  # a fresh memmap per batch keeps memory flat (memmaps cache pages)
+        data = np.memmap(shards[i][0], dtype=np.uint16, mode="r", offset=HEADER_BYTES)
+        for row in np.flatnonzero(which == i):
+            tokens[row] = data[starts[row]:starts[row] + block_size]
     if tokens.max() >= vocab_size:
-        raise ConfigError(f"{path}: token id {tokens.max()} >= vocab_size {vocab_size}; re-run prepare_data.py")
+        path = shards[which[tokens.max(1).argmax()]][0]
+        raise ConfigError(f"{path}: token id {tokens.max()} >= vocab_size {vocab_size}; "
+                          "re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
 # ----------------------------------------------------------------------------------------------
@@ -356,9 +375,9 @@ class Trainer:
             return elf_loss(model, tokens, draws)
 
     @torch.no_grad()
-    def evaluate(self, path):
+    def evaluate(self, shards):
         """The training objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        val_tokens = lambda g: get_batch(path, self.micro, self.mc.block_size, g,  # noqa: E731
+        val_tokens = lambda g: get_batch(shards, self.micro, self.mc.block_size, g,  # noqa: E731
                                          self.mc.vocab_size, self.paired)
         losses = [self.micro_batch_loss(self.ema, val_tokens, 0, 0, i)[0] for i in range(self.tc.eval_iters)]
         return torch.stack(losses).mean().item()               # one host sync for the whole evaluation
@@ -411,7 +430,8 @@ def main(argv=None):
     trainer = Trainer(tc, mc, device, rank, world)
     if tc.bench:
         return bench(trainer, tc, mc, device)
-    (train_path, trainer.paired), (val_path, _) = open_shard(tc, mc, "train"), open_shard(tc, mc, "val")
+    train_shards, trainer.paired = open_shards(tc, mc, "train")
+    val_shards, _ = open_shards(tc, mc, "val")
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     try:
         os.makedirs(tc.out_dir, exist_ok=True)
@@ -443,8 +463,9 @@ def main(argv=None):
     t0, tokens_seen = time.perf_counter(), 0
     try:
         while trainer.iter < tc.max_iters:
-            totals, grad_norm = trainer.step(lambda g: get_batch(train_path, trainer.micro, mc.block_size, g,
-                                                                 mc.vocab_size, trainer.paired))
+            totals, grad_norm = trainer.step(lambda g: get_batch(train_shards, trainer.micro,
+                                                                 mc.block_size, g, mc.vocab_size,
+                                                                 trainer.paired))
             tokens_seen += tc.batch_size * mc.block_size
             it = trainer.iter
             logging, stopping = it % tc.log_interval == 0 or it == tc.max_iters, bool(stop) and world == 1
@@ -468,7 +489,7 @@ def main(argv=None):
                 trainer.check_finite()
                 if master:
                     if not stopping:
-                        val = trainer.evaluate(val_path)
+                        val = trainer.evaluate(val_shards)
                         log(f"iter {it}: val {val:.4f}")
                         rows.append(dict(iter=it, val=val))
                         print(json.dumps(rows[-1]), file=log_file)

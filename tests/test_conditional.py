@@ -226,12 +226,11 @@ def test_prepare_pairs_builds_fixed_length_examples(tmp_path, capsys):
             "--val_fraction=0.25",
         ]
     )
-    assert "1 sources and 1 targets truncated" in capsys.readouterr().out
-    train_rows = (
-        np.fromfile(tmp_path / "data" / "p" / "train.bin", dtype=np.uint16).reshape(-1, 8).tolist()
-    )
-    val_rows = (
-        np.fromfile(tmp_path / "data" / "p" / "val.bin", dtype=np.uint16).reshape(-1, 8).tolist()
+    assert "1 sources and 1 targets cut" in capsys.readouterr().out
+    folder = tmp_path / "data" / "p"
+    train_rows, val_rows = (
+        np.fromfile(folder / f"p_{split}.bin", np.uint16, offset=1024).reshape(-1, 8).tolist()
+        for split in ("train_000001", "val_000000")
     )
     meta = json.loads((tmp_path / "data" / "p" / "meta.json").read_text())
     assert len(train_rows) == 3 and len(val_rows) == 1 and meta["pairs"] and meta["block_size"] == 8

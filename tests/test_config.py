@@ -11,6 +11,7 @@ import pytest
 
 import train
 from elf import MODEL_SIZES, ELFConfig
+from prepare_data import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
@@ -129,8 +130,8 @@ def data_dir(tmp_path):
     folder = tmp_path / "data" / "rand"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        rng.integers(0, 1000, 500).astype(np.uint16).tofile(folder / f"{split}.bin")
+    for shard in ("rand_train_000001.bin", "rand_val_000000.bin"):
+        write_shard(folder / shard, rng.integers(0, 1000, 500))
     return str(tmp_path / "data")
 
 

@@ -11,6 +11,7 @@ import torch
 
 import sample
 import train
+from prepare_data import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "To be, or not to be, that is the question.\n"
@@ -25,8 +26,8 @@ def data_dir(tmp_path):
     """One sequence (plus end-of-text): with block_size = its length every window is the whole text."""
     folder = tmp_path / "data" / "one"
     folder.mkdir(parents=True)
-    for split in ("train", "val"):
-        np.array(TEXT_IDS + [50256], dtype=np.uint16).tofile(folder / f"{split}.bin")
+    for shard in ("one_train_000001.bin", "one_val_000000.bin"):
+        write_shard(folder / shard, TEXT_IDS + [50256])
     return str(tmp_path / "data")
 
 
@@ -166,8 +167,8 @@ def random_data_dir(tmp_path):
     folder = tmp_path / "rdata" / "rand"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        rng.integers(0, 1000, 2000).astype(np.uint16).tofile(folder / f"{split}.bin")
+    for shard in ("rand_train_000001.bin", "rand_val_000000.bin"):
+        write_shard(folder / shard, rng.integers(0, 1000, 2000))
     return str(tmp_path / "rdata")
 
 
@@ -221,15 +222,20 @@ def test_bad_shards_are_clear_errors(tmp_path):
     folder = tmp_path / "d" / "bad"
     folder.mkdir(parents=True)
     base = ["--dataset=bad", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}", *TINY, "--max_iters=1"]
-    (folder / "train.bin").write_bytes(b"\x01" * 301)                 # odd size: not uint16
-    (folder / "val.bin").write_bytes(b"\x01" * 300)
-    with pytest.raises(train.ConfigError, match="not a uint16 token shard"):
+    (folder / "train.bin").write_bytes(b"\x01" * 300)                 # the format before shards
+    with pytest.raises(train.ConfigError, match="again if it has train.bin"):
         train.main(base)
-    np.full(200, 60000, dtype=np.uint16).tofile(folder / "train.bin")  # ids beyond the vocabulary
+    train_shard, val_shard = folder / "bad_train_000001.bin", folder / "bad_val_000000.bin"
+    write_shard(val_shard, list(range(100)))
+    train_shard.write_bytes(b"\x01" * 1500)                            # no header
+    with pytest.raises(train.ConfigError, match=f"{train_shard}: not a token shard"):
+        train.main(base)
+    write_shard(train_shard, list(range(100)))
+    train_shard.write_bytes(train_shard.read_bytes()[:-2])            # one token short
+    with pytest.raises(train.ConfigError, match=f"{train_shard}: truncated"):
+        train.main(base)
+    write_shard(train_shard, [60000] * 200)                           # ids beyond the vocabulary
     with pytest.raises(train.ConfigError, match="token id 60000 >= vocab_size"):
-        train.main(base)
-    (folder / "meta.json").write_text(json.dumps({"dtype": "int32"}))
-    with pytest.raises(train.ConfigError, match="not a uint16 token shard"):
         train.main(base)
 
 
