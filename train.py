@@ -1,10 +1,10 @@
 """
-Train ELF on tokenized shards (made by prepare_data.py).
+Train ELF on token shards made by prepare_data.py (README: Training objective).
 
-    python train.py                                   # CPU quick start on data/tinyshakespeare
-    python train.py --preset=elf-b-owt                # the paper's ELF-B recipe (one GPU)
-    python train.py --max_iters=2000 --resume         # any field of TrainConfig or ELFConfig; continue a run
-    python train.py --bench --model=elf-b             # random tokens, prints tokens/s and MFU as JSON
+    python train.py                               # CPU quick start on data/tinyshakespeare
+    python train.py --preset=elf-b-owt            # the paper's ELF-B recipe (one GPU)
+    python train.py --max_iters=2000 --resume     # any TrainConfig or ELFConfig field; continue
+    python train.py --bench --model=elf-b         # random tokens: tokens/s and MFU as JSON
 """
 import copy
 import difflib
@@ -19,17 +19,17 @@ import sys
 import tempfile
 import textwrap
 import time
-import tokenize
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import elf
 import sample
-from prepare_data import HEADER_BYTES, MAGIC as SHARD_MAGIC, VERSION as SHARD_VERSION
-from elf import (ELF, EOT, ELFConfig, MODEL_SIZES, configure_optimizers, draw_training_noise, elf_loss,
-                 flops_per_token, micro_batch_generators, peak_flops, to_device)
+from elf import ELF, EOT, MODEL_SIZES, ELFConfig
+from prepare_data import HEADER_BYTES, MAGIC, VERSION
+
 
 @dataclass
 class TrainConfig:
@@ -37,11 +37,11 @@ class TrainConfig:
     dataset: str = "tinyshakespeare"  # data/<dataset>/*_train_*.bin, *_val_*.bin
     data_dir: str = "data"
     out_dir: str = "out"
-    model: str = "elf-cpu"            # a named size of elf.MODEL_SIZES; ELFConfig fields override it
+    model: str = "elf-cpu"            # a size of elf.MODEL_SIZES; ELFConfig fields override it
     # batch: batch_size sequences per optimizer step, in grad_accum micro-batches
     batch_size: int = 32
     grad_accum: int = 1
-    # optimisation (§4): Muon + AdamW, linear warm-up then constant (or cosine) learning rate
+    # optimisation (README: Training objective): Muon + AdamW, warm-up, constant or cosine rate
     optimizer: str = "muon"
     lr: float = 2e-3
     lr_schedule: str = "constant"     # 'constant' (the paper's) or 'cosine' (decays to min_lr)
@@ -62,47 +62,45 @@ class TrainConfig:
     device: str = "auto"              # 'auto' picks cuda, then mps, then cpu
     dtype: str = "auto"               # 'auto' is bf16 autocast on CUDA, fp32 elsewhere
     compile: str = "auto"             # 'auto' compiles on CUDA only
-    bench: bool = False               # random tokens, warm-up then timed steps, one JSON line, no checkpoints
+    bench: bool = False               # time steps on random tokens: one JSON line, no checkpoint
     bench_warmup: int = 5
     bench_steps: int = 20
 
 PRESETS = {
-    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25),   # the quick start: the defaults, half conditioned (§6)
-    # ELF-B on OpenWebText (§4): batch 512 x 1024 as 8 micro-batches of 64, Muon lr 2e-3, constant
-    # after a 0.5-epoch warm-up, 5 epochs (~95K steps), EMA 0.9999.
-    "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512, grad_accum=8,
-                      lr=2e-3, warmup_iters=9500, max_iters=95000, ema_decay=0.9999, eval_interval=2000,
-                      eval_iters=20, log_interval=10),
+    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25),  # the quick start, half conditioned
+    # ELF-B on OpenWebText (README: Data at scale): batch 512 x 1024 as 8 micro-batches of 64,
+    # Muon lr 2e-3, constant after a 0.5-epoch warm-up, 5 epochs (~95K steps), EMA 0.9999.
+    "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512,
+                      grad_accum=8, lr=2e-3, warmup_iters=9500, max_iters=95000,
+                      ema_decay=0.9999, eval_interval=2000, eval_iters=20, log_interval=10),
 }
+DEFAULTS = {**asdict(TrainConfig()), **asdict(ELFConfig())}
 
 class ConfigError(Exception):
-    pass
+    """A mistake in the input: main prints it as one line, `error: ...`, without a traceback."""
 
-# What each field of TrainConfig and ELFConfig must be: (fields, test, requirement), then choices.
-RULES = [
-    ("batch_size grad_accum max_iters log_interval eval_interval eval_iters sample_steps"
-     " num_eval_samples bench_steps block_size n_layer n_head n_embd embed_dim bottleneck_dim"
-     " n_mode_tokens n_time_tokens n_scale_tokens", lambda v: v > 0, "an integer > 0"),
-    ("warmup_iters bench_warmup", lambda v: v >= 0, "an integer >= 0"),
-    ("seed embedding_seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)"),
-    ("vocab_size", lambda v: v >= 50257, "at least GPT-2's 50257 tokens"),
-    ("lr grad_clip latent_std noise_scale t_eps", lambda v: 0 < v < math.inf, "finite and > 0"),
-    ("min_lr weight_decay t_std decoder_noise_scale decoder_lambda_std guidance_min guidance_max",
-     lambda v: 0 <= v < math.inf, "finite and >= 0"),
-    ("t_mean decoder_lambda_mean", math.isfinite, "finite"),
-    ("decoder_prob self_cond_prob cond_prefix_prob cond_span_prob cond_drop_prob ema_decay dropout",
-     lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
-    ("dataset data_dir out_dir", bool, "non-empty"),
-    ("resume bench guidance", lambda v: v in (True, False), "true or false"),
-    ("device", lambda v: v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", v),
-     "auto, cpu, mps, cuda or cuda:N"),
-]
+# What each field of TrainConfig and ELFConfig must be: by its type, unless RULES name it.
+BY_TYPE = {int: (lambda v: v > 0, "an integer > 0"), str: (bool, "non-empty"),
+           float: (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+           bool: (lambda v: v in (True, False), "true or false")}
 CHOICES = dict(model=tuple(MODEL_SIZES), optimizer=("muon", "adamw"), prediction=("x", "v"),
                lr_schedule=("constant", "cosine"), dtype=("auto", "float32", "bfloat16"),
                compile=("auto", "true", "false"), embedding=("gaussian", "learned"))
-RULES += [(name, allowed.__contains__, "one of " + ", ".join(allowed))
-          for name, allowed in CHOICES.items()]
-RULE_OF = {name: (test, what) for names, test, what in RULES for name in names.split()}
+RULES = [
+    ("warmup_iters bench_warmup", lambda v: v >= 0, "an integer >= 0"),
+    ("seed embedding_seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)"),
+    ("vocab_size", lambda v: v >= elf.N_VOCAB, "at least GPT-2's 50257 tokens"),
+    ("lr grad_clip latent_std noise_scale t_eps", lambda v: 0 < v < math.inf, "finite and > 0"),
+    ("t_mean decoder_lambda_mean", math.isfinite, "finite"),
+    ("decoder_prob self_cond_prob cond_prefix_prob cond_span_prob cond_drop_prob ema_decay dropout",
+     lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v),
+     "auto, cpu, mps, cuda or cuda:N"),
+    *((name, allowed.__contains__, "one of " + ", ".join(allowed))
+      for name, allowed in CHOICES.items()),
+]
+RULE_OF = {name: BY_TYPE[type(value)] for name, value in DEFAULTS.items()}
+RULE_OF |= {name: (test, what) for names, test, what in RULES for name in names.split()}
 
 def check(tc, mc):
     """Each field against its rule, then the rules that tie fields together."""
@@ -126,16 +124,17 @@ def check(tc, mc):
             raise ConfigError(message)
 
 def parse_value(text, default, key):
-    """Convert a command-line string to the type of the field's default, or say what was expected."""
-    booleans = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    """A command-line string as the type of the field's default, or an error saying what is not."""
+    truth = {"": True, "1": True, "true": True, "yes": True,
+             "0": False, "false": False, "no": False}
     try:
-        return booleans[text.lower()] if isinstance(default, bool) else type(default)(text)
+        return truth[text.lower()] if isinstance(default, bool) else type(default)(text)
     except (KeyError, ValueError):
         expected = "true or false" if isinstance(default, bool) else type(default).__name__
         raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
 
 def parse_args(argv):
-    """--key=value (or --flag) overrides for TrainConfig and ELFConfig, after --preset and --model."""
+    """--key=value (or --flag) overrides of TrainConfig and ELFConfig, after --preset, --model."""
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -144,39 +143,35 @@ def parse_args(argv):
     preset = overrides.pop("preset", "cpu")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    train_fields = {f.name: f.default for f in fields(TrainConfig)}
-    model_fields = {f.name: f.default for f in fields(ELFConfig)}
     settings = dict(PRESETS[preset])
     for key, value in overrides.items():
-        if key not in train_fields and key not in model_fields:
-            close = difflib.get_close_matches(key, [*train_fields, *model_fields, "preset"], n=3)
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, [*DEFAULTS, "preset"], n=3)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key --{key}{hint}")
-        settings[key] = parse_value(value, train_fields.get(key, model_fields.get(key)), key)
-    tc = TrainConfig(**{k: v for k, v in settings.items() if k in train_fields})
-    model = MODEL_SIZES.get(tc.model, {})                   # an unknown --model: reported by check
-    mc = ELFConfig(**{**model, **{k: v for k, v in settings.items() if k in model_fields}})
+        settings[key] = parse_value(value, DEFAULTS[key], key)
+    tc = TrainConfig(**{k: settings[k] for k in asdict(TrainConfig()) if k in settings})
+    model = {**MODEL_SIZES.get(tc.model, {}), **settings}     # an unknown --model: check says so
+    mc = ELFConfig(**{k: model[k] for k in asdict(ELFConfig()) if k in model})
     check(tc, mc)
     return tc, mc
 
 def usage():
     """--help: each field, its default and the comment beside it in the source; then the presets."""
     text = [__doc__.strip(), "", "Fields, as --key=default (ELFConfig's are the paper's ELF-B):"]
-    for config in (TrainConfig, ELFConfig):
-        lines, defaults = inspect.getsourcelines(config)[0], asdict(config())
-        tokens = tokenize.generate_tokens(iter(lines).__next__)
-        comments = {t.start[0]: t.string for t in tokens if t.type == tokenize.COMMENT}
-        for number, line in enumerate(lines, 1):
-            name, comment = line.split(":")[0].strip(), comments.get(number, "")
-            if name in defaults:
-                text.append(f"  --{name}={defaults[name]}".ljust(30) + comment.lstrip("# "))
-            elif line.strip().startswith("#"):                  # a section's heading
-                text.append(comment)
+    source = inspect.getsource(TrainConfig) + inspect.getsource(ELFConfig)
+    for line in source.splitlines():
+        code, _, comment = line.partition("#")                 # no default holds a '#'
+        name = code.split(":")[0].strip()
+        if name in DEFAULTS:
+            text.append(f"  --{name}={DEFAULTS[name]}".ljust(30) + comment.strip())
+        elif comment and not code.strip():                      # a section's heading
+            text.append("#" + comment)
     text.append("# sizes and presets (--preset=cpu unless given), set before the --key=value given")
     for name, values in {**MODEL_SIZES, **PRESETS}.items():
-        option = f"--{'model' if name in MODEL_SIZES else 'preset'}={name}:"
-        text.append(textwrap.fill(" ".join([option, *(f"{k}={v}" for k, v in values.items())]), 100,
-                                  subsequent_indent="    "))
+        words = [f"--{'model' if name in MODEL_SIZES else 'preset'}={name}:"]
+        words += [f"{k}={v}" for k, v in values.items()]
+        text.append(textwrap.fill(" ".join(words), 100, subsequent_indent="    "))
     return "\n".join(line.rstrip() for line in text)
 
 # ----------------------------------------------------------------------------------------------
@@ -184,24 +179,23 @@ def usage():
 # for paired data (prepare_data.py --pairs), whole examples: source, end-of-text, target, padding.
 
 def open_shards(tc, mc, split):
-    """([(path, tokens)], paired): the *_{split}_*.bin shards of the dataset's folder, after the
-    checks that would otherwise fail deep inside training. No meta.json (FineWeb's): GPT-2."""
-    folder, shards = os.path.join(tc.data_dir, tc.dataset), []
+    """([(path, tokens)], paired): the dataset's *_{split}_*.bin shards, checked here rather than
+    failing deep inside training. No meta.json (FineWeb's shards): plain GPT-2 tokens."""
+    folder = os.path.join(tc.data_dir, tc.dataset)
     meta_path = os.path.join(folder, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    if meta.get("vocab_size", 0) > mc.vocab_size:
-        raise ConfigError(f"{meta_path}: vocab_size {meta['vocab_size']} > model's {mc.vocab_size}")
     paired = meta.get("pairs", False)
     if paired and meta["block_size"] != mc.block_size:
         raise ConfigError(f"{folder} has pairs of {meta['block_size']} tokens: "
                           f"pass --block_size={meta['block_size']}")
+    shards = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
-        head, size = np.fromfile(path, dtype="<i4", count=256), os.path.getsize(path)
-        if len(head) < 256 or head[0] != SHARD_MAGIC or head[1] != SHARD_VERSION:
+        head = np.fromfile(path, dtype="<i4", count=256)    # magic, version, token count, zeros
+        if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
             raise ConfigError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
-        if size != HEADER_BYTES + 2 * int(head[2]):
-            raise ConfigError(f"{path}: truncated, {size:,} bytes for its header's {head[2]:,} "
-                              "tokens; re-run prepare_data.py")
+        if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
+            raise ConfigError(f"{path}: truncated, shorter than its header's {head[2]:,} tokens; "
+                              "re-run prepare_data.py")
         shards.append((path, int(head[2])))
     if not shards:
         raise ConfigError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
@@ -217,11 +211,9 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     picks = torch.randint(int(ends[-1]), (batch,), generator=generator).numpy()
     which = np.searchsorted(ends, picks, side="right")
     starts = (picks - ends[which] + counts[which]) * (block_size if paired else 1)
-    tokens = np.empty((batch, block_size), dtype=np.uint16)
-    for i in np.unique(which):  # a fresh memmap per batch keeps memory flat (memmaps cache pages)
-        data = np.memmap(shards[i][0], dtype=np.uint16, mode="r", offset=HEADER_BYTES)
-        for row in np.flatnonzero(which == i):
-            tokens[row] = data[starts[row]:starts[row] + block_size]
+    # A fresh memmap per batch keeps memory flat over long runs (memmaps cache the pages they read).
+    data = {i: np.memmap(shards[i][0], np.uint16, "r", HEADER_BYTES) for i in set(which)}
+    tokens = np.stack([data[i][s:s + block_size] for i, s in zip(which, starts)])
     if tokens.max() >= vocab_size:
         path = shards[which[tokens.max(1).argmax()]][0]
         raise ConfigError(f"{path}: token id {tokens.max()} >= vocab_size {vocab_size}; "
@@ -229,7 +221,7 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     return torch.from_numpy(tokens.astype(np.int64))
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, logs, schedule, devices.
+# Checkpoints, the log, the learning rate, devices.
 
 def save_checkpoint(path, state):
     # Temporary file + rename: a crash or Ctrl-C mid-write leaves the previous checkpoint intact.
@@ -240,9 +232,10 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise ConfigError(f"no checkpoint at {path}: train first, or drop --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # to CPU: no GPU memory spike
+        return torch.load(path, map_location="cpu", weights_only=True)  # CPU: no GPU memory spike
     except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt")
+        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); "
+                          "it is truncated or corrupt") from None
 
 def keep_log_until(path, last_iter, say):
     """The rows of log.jsonl up to the checkpoint's iteration; the file is rewritten without the
@@ -266,86 +259,93 @@ def keep_log_until(path, last_iter, say):
 
 def plot_losses(rows, png_path):
     """loss.png from the log's rows: training loss, its MSE and CE parts, and the val objective."""
-    from matplotlib.figure import Figure                # files only, no display or global state
+    from matplotlib.figure import Figure  # files only, no display or global state
     ax = Figure(figsize=(7, 4)).subplots()
     for key in ("loss", "mse", "ce", "val"):
         points = [(r["iter"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), label=key, marker="o" if key == "val" else None)
-    ax.set(xlabel="iteration", yscale="log", title="ELF training"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set(xlabel="iteration", yscale="log", title="ELF training")
+    ax.legend()
+    ax.grid(alpha=0.3)
     ax.figure.savefig(png_path + ".tmp.png", dpi=90, bbox_inches="tight")
-    os.replace(png_path + ".tmp.png", png_path)        # the old picture stays until the new one is whole
+    os.replace(png_path + ".tmp.png", png_path)        # the old picture stays until the new is done
 
 def lr_at(it, tc):
     if it < tc.warmup_iters:
         return tc.lr * (it + 1) / tc.warmup_iters
     if tc.lr_schedule == "cosine":
-        progress = (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters)
-        return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+        progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
+        return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
     return tc.lr
 
 def init_distributed(tc):
-    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs."""
     if "RANK" not in os.environ:
-        count = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
-        device = next(d for d in count if count[d]) if tc.device == "auto" else tc.device
-        device = torch.device(device)
-        if count[device.type] <= (device.index or 0):
+        have = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
+        name = next(d for d in have if have[d]) if tc.device == "auto" else tc.device
+        device = torch.device(name)
+        if have[device.type] <= (device.index or 0):
             raise ConfigError(f"no device {tc.device} here: use --device=auto or --device=cpu")
         return 0, 1, device
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if gpu else torch.device("cpu")
+    if gpu:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if gpu else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 class Trainer:
-    """The model, its EMA and the optimizers; `step` is one optimizer step over this process's share
+    """The model, its EMA and the optimizers; `step` is one optimizer step, of this process's share
     of the step's grad_accum micro-batches."""
 
     def __init__(self, tc, mc, device, rank=0, world=1):
         if tc.grad_accum % world:
-            raise ConfigError(f"grad_accum {tc.grad_accum} must be a multiple of the {world} processes")
+            raise ConfigError(f"grad_accum {tc.grad_accum} must be a multiple of {world} processes")
         self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
         self.accum = tc.grad_accum // world                     # micro-batches per process
         self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
-        torch.manual_seed(tc.seed)                              # the same initial weights on every rank
+        torch.manual_seed(tc.seed)                              # the same weights on every rank
         self.model = ELF(mc).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizers = configure_optimizers(self.model, tc.optimizer, tc.lr, tc.weight_decay)
+        self.optimizers = elf.configure_optimizers(self.model, tc.optimizer, tc.lr, tc.weight_decay)
         use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        # Gradients are zeroed, never freed: a batch without decode rows gives the decode head a zero
-        # gradient (not a skipped update), the same on one process as on several.
+        # Gradients are zeroed, never freed: a batch without decode rows gives the decode head a
+        # zero gradient (not a skipped update), the same on one process as on several.
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
-        self.iter, self.paired = 0, False                      # paired: set by main for prepare_data.py --pairs data
-        self.first_bad_iter = torch.tensor(-1, device=device)   # first step with a non-finite loss or gradient
+        self.iter, self.paired = 0, False                       # paired: prepare_data.py --pairs
+        self.first_bad = torch.tensor(-1, device=device)        # first non-finite loss or gradient
+
+    def batches(self, shards):
+        """get_tokens for step and evaluate: a generator -> a micro-batch of the shards' windows."""
+        mc = self.mc
+        return lambda g: get_batch(shards, self.micro, mc.block_size, g, mc.vocab_size, self.paired)
 
     def step(self, get_tokens):
-        """get_tokens(generator) -> a (micro, block_size) batch. Returns the step's mean (loss, mse, ce)
-        and gradient norm as device tensors: nothing here waits for the GPU."""
+        """get_tokens(generator) -> a (micro, block_size) batch. Returns the step's mean (loss, mse,
+        ce) and gradient norm as device tensors: nothing here waits for the GPU."""
         tc = self.tc
         for group in [group for opt in self.optimizers for group in opt.param_groups]:
             group["lr"] = lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
-            loss, mse, ce = self.micro_batch_loss(self.forward_model, get_tokens, tc.seed, self.iter,
-                                                  self.rank * self.accum + k)
-            (loss / tc.grad_accum).backward()                   # mean over all micro-batches of all ranks
-            totals += torch.stack([loss.detach(), mse.detach(), ce.detach()]) / tc.grad_accum
-        if self.world > 1:
-            # Gradients are summed across processes once per step, after the last micro-batch.
+            index = self.rank * self.accum + k                  # of all the step's micro-batches
+            parts = self.micro_batch_loss(self.forward_model, get_tokens, tc.seed, self.iter, index)
+            (parts[0] / tc.grad_accum).backward()               # the mean over all micro-batches
+            totals += torch.stack(parts).detach() / tc.grad_accum
+        if self.world > 1:                                      # once a step, after the last one
             for p in self.params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
             dist.all_reduce(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(totals[0])
-        self.first_bad_iter = torch.where(bad & (self.first_bad_iter < 0), self.iter, self.first_bad_iter)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.iter, self.first_bad)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=False)
@@ -356,31 +356,29 @@ class Trainer:
         return totals, grad_norm
 
     def check_finite(self):
-        """Stop, keeping the last good checkpoint, if any step so far had a non-finite loss or gradient."""
-        bad = int(self.first_bad_iter)
-        if bad >= 0:
-            raise ConfigError(f"non-finite loss or gradient at iteration {bad}; stopped without saving, the last "
-                              f"good checkpoint is kept (try a lower --lr)")
+        """Stop, keeping the last good checkpoint, if a step had a non-finite loss or gradient."""
+        if (bad := int(self.first_bad)) >= 0:
+            raise ConfigError(f"non-finite loss or gradient at iteration {bad}; stopped without "
+                              "saving, the last good checkpoint is kept (try a lower --lr)")
 
     def micro_batch_loss(self, model, get_tokens, seed, it, index):
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
-        host_gen, device_gen = micro_batch_generators(seed, it, index, self.device)
-        tokens = to_device(get_tokens(host_gen), self.device)
-        cond = None
-        if self.paired:                                         # the condition: source + end-of-text, all up to
-            eot = tokens == EOT                                 # the first end-of-text (no work for other data)
-            cond = eot.cumsum(1) - eot.long() == 0
-        draws = draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device, cond)
+        host_gen, device_gen = elf.micro_batch_generators(seed, it, index, self.device)
+        tokens = elf.to_device(get_tokens(host_gen), self.device)
+        eot = tokens == EOT                 # paired data's condition: up to the first end-of-text
+        cond = eot.cumsum(1) <= eot if self.paired else None
+        draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device,
+                                        cond)
         with self.autocast:
-            return elf_loss(model, tokens, draws)
+            return elf.elf_loss(model, tokens, draws)
 
     @torch.no_grad()
     def evaluate(self, shards):
-        """The training objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        val_tokens = lambda g: get_batch(shards, self.micro, self.mc.block_size, g,  # noqa: E731
-                                         self.mc.vocab_size, self.paired)
-        losses = [self.micro_batch_loss(self.ema, val_tokens, 0, 0, i)[0] for i in range(self.tc.eval_iters)]
-        return torch.stack(losses).mean().item()               # one host sync for the whole evaluation
+        """The objective on val with the EMA weights and fixed randomness (comparable over time)."""
+        get_tokens = self.batches(shards)
+        losses = [self.micro_batch_loss(self.ema, get_tokens, 0, 0, i)[0]
+                  for i in range(self.tc.eval_iters)]
+        return torch.stack(losses).mean().item()               # one host sync for the evaluation
 
     def state_dict(self):
         # No generator states: the randomness of every step follows from (seed, iteration).
@@ -401,23 +399,24 @@ class Trainer:
 
 def bench(trainer, tc, mc, device):
     """Random tokens at the configured shape: warm-up steps, then timed steps; one JSON line."""
-    random_tokens = lambda g: torch.randint(0, 50257, (trainer.micro, mc.block_size), generator=g)  # noqa: E731
-    gpu, peak = device.type == "cuda", peak_flops(device)
+    shape, gpu, peak = (trainer.micro, mc.block_size), device.type == "cuda", elf.peak_flops(device)
     for i in range(tc.bench_warmup + tc.bench_steps):
-        if i == tc.bench_warmup:                                # warm-up done (compilation included)
+        if i == tc.bench_warmup:                        # warm-up done (compilation included)
             if gpu:
-                torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        trainer.step(random_tokens)
+        trainer.step(lambda g: torch.randint(0, elf.N_VOCAB, shape, generator=g))
     if gpu:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / tc.bench_steps
     tokens_per_s = tc.batch_size * mc.block_size / step_s
-    mfu = round(tokens_per_s * flops_per_token(mc) / peak, 4) if peak else None
-    peak_mem_gb = round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None
-    print(json.dumps(dict(bench="train", model=tc.model, device=str(device), batch=tc.batch_size,
-                          block_size=mc.block_size, gpu=torch.cuda.get_device_name(device) if gpu else None,
-                          step_s=round(step_s, 4), mfu=mfu, tokens_per_s=round(tokens_per_s), peak_mem_gb=peak_mem_gb)))
+    mfu = round(tokens_per_s * elf.flops_per_token(mc) / peak, 4) if peak else None
+    print(json.dumps(dict(
+        bench="train", model=tc.model, device=str(device), batch=tc.batch_size,
+        block_size=mc.block_size, gpu=torch.cuda.get_device_name(device) if gpu else None,
+        step_s=round(step_s, 4), mfu=mfu, tokens_per_s=round(tokens_per_s),
+        peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None)))
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -425,19 +424,19 @@ def main(argv=None):
         return print(usage())
     tc, mc = parse_args(argv)
     rank, world, device = init_distributed(tc)
-    master = rank == 0                                          # rank 0 alone logs, evaluates and saves
+    master = rank == 0                                   # rank 0 alone logs, evaluates and saves
     log = print if master else (lambda *a, **k: None)
     trainer = Trainer(tc, mc, device, rank, world)
     if tc.bench:
         return bench(trainer, tc, mc, device)
     train_shards, trainer.paired = open_shards(tc, mc, "train")
     val_shards, _ = open_shards(tc, mc, "val")
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    ckpt_path, log_path = os.path.join(tc.out_dir, "ckpt.pt"), os.path.join(tc.out_dir, "log.jsonl")
     try:
         os.makedirs(tc.out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=tc.out_dir).close()
     except OSError:
-        raise ConfigError(f"out_dir {tc.out_dir!r} is not writable: pass --out_dir=somewhere/else") from None
+        raise ConfigError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
     if tc.resume:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
@@ -446,61 +445,57 @@ def main(argv=None):
                               f"{tc.max_iters}: raise --max_iters to train on")
     elif os.path.exists(ckpt_path):
         log(f"note: {ckpt_path} will be replaced by this new run's (--resume continues it instead)")
-    defaults = {**asdict(TrainConfig()), **asdict(ELFConfig())}
-    changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != defaults[k]]
+    changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != DEFAULTS[k]]
     log(textwrap.fill("config (what differs from --help's defaults): " + " ".join(changed), 100))
-    n_params = sum(p.numel() for p in trainer.params)
-    log(f"model {tc.model}: {n_params / 1e6:.2f}M parameters on {device}; global batch {tc.batch_size}"
-        f" = {trainer.micro} x {trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
-    # Ctrl-C / SIGTERM: finish the step, save, exit. Several processes agree on when, at log intervals.
-    # Every metric as one JSON line in out_dir/log.jsonl (drawn as loss.png); a new run starts a new log.
-    log_path = os.path.join(tc.out_dir, "log.jsonl")
+    log(f"model {tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters on "
+        f"{device}; global batch {tc.batch_size} = {trainer.micro} x {trainer.accum} accumulation "
+        f"x {world} processes, of {mc.block_size} tokens")
+    # Every metric as a JSON line of out_dir/log.jsonl (drawn as loss.png); a new run, a new log.
     rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
     log_file = open(log_path, "a" if tc.resume else "w", buffering=1) if master else None
-    stop = []
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    peak, fpt = peak_flops(device), flops_per_token(mc)
-    t0, tokens_seen = time.perf_counter(), 0
+    stop = []                        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    peak, fpt = elf.peak_flops(device), elf.flops_per_token(mc)
+    t0, it0 = time.perf_counter(), trainer.iter
     try:
         while trainer.iter < tc.max_iters:
-            totals, grad_norm = trainer.step(lambda g: get_batch(train_shards, trainer.micro,
-                                                                 mc.block_size, g, mc.vocab_size,
-                                                                 trainer.paired))
-            tokens_seen += tc.batch_size * mc.block_size
+            totals, grad_norm = trainer.step(trainer.batches(train_shards))
             it = trainer.iter
-            logging, stopping = it % tc.log_interval == 0 or it == tc.max_iters, bool(stop) and world == 1
-            if world > 1 and logging:
+            logging = it % tc.log_interval == 0 or it == tc.max_iters
+            stopping = bool(stop) and world == 1
+            if world > 1 and logging:                   # the processes agree on when to stop
                 flag = torch.tensor([float(bool(stop))], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
             if logging:
                 trainer.check_finite()
-                loss, mse, ce = totals.tolist()                 # the only host sync of a step, at log intervals
-                tok_s = tokens_seen / (time.perf_counter() - t0)
+                loss, mse, ce = totals.tolist()         # a step's only host sync, at log lines
+                tok_s = (it - it0) * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
                 mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
-                lr = lr_at(it - 1, tc)                          # the rate the step just taken used
-                log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad {grad_norm.item():.2f} "
-                    f"lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
+                lr = lr_at(it - 1, tc)                  # the rate the step just taken used
+                log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) "
+                    f"grad {grad_norm.item():.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
                 if master:
                     rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
                     print(json.dumps(rows[-1]), file=log_file)
-                t0, tokens_seen = time.perf_counter(), 0
+                t0, it0 = time.perf_counter(), it
             if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
                 trainer.check_finite()
+                if master and not stopping:
+                    val = trainer.evaluate(val_shards)
+                    log(f"iter {it}: val {val:.4f}")
+                    rows.append(dict(iter=it, val=val))
+                    print(json.dumps(rows[-1]), file=log_file)
+                    plot_losses(rows, os.path.join(tc.out_dir, "loss.png"))
+                    with trainer.autocast:              # samples from the EMA weights
+                        sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
                 if master:
-                    if not stopping:
-                        val = trainer.evaluate(val_shards)
-                        log(f"iter {it}: val {val:.4f}")
-                        rows.append(dict(iter=it, val=val))
-                        print(json.dumps(rows[-1]), file=log_file)
-                        plot_losses(rows, os.path.join(tc.out_dir, "loss.png"))
-                        with trainer.autocast:                  # samples from the EMA weights
-                            sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
                     save_checkpoint(ckpt_path, trainer.state_dict())
-                t0, tokens_seen = time.perf_counter(), 0
+                t0, it0 = time.perf_counter(), it
             if stopping:
                 log(f"interrupted: checkpoint of iteration {it} written to {ckpt_path}; "
-                    f"continue with the same command plus --resume")
+                    "continue with the same command plus --resume")
                 break
         if world > 1:
             check_in_sync(trainer, log)
@@ -513,10 +508,12 @@ def main(argv=None):
             dist.destroy_process_group()
 
 def check_in_sync(trainer, log):
-    """Every rank must end with identical weights and EMA: the checksums' spread across ranks is zero."""
-    sums = torch.stack([sum(p.double().sum() for p in ps) for ps in (trainer.params, trainer.ema_params)])
+    """Every rank must end with identical weights and EMA: all ranks' checksums are equal."""
+    sums = torch.stack([sum(p.double().sum() for p in ps)
+                        for ps in (trainer.params, trainer.ema_params)])
     low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN), dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise ConfigError("ranks ended with different weights; please report this")
     log(f"ranks in sync: {trainer.world} processes hold identical weights and EMA")

@@ -116,7 +116,7 @@ def test_help_lists_every_field_with_its_default_and_comment_and_the_presets(cap
     assert any(line.startswith("  --lr_schedule=constant") and line.endswith("(decays to min_lr)")
                for line in lines)
     assert any(line.startswith("  --noise_scale=2.0") and "sigma: z_t" in line for line in lines)
-    assert "# optimisation (§4)" in text
+    assert "# optimisation (README: Training objective)" in text
     assert "--preset=elf-b-owt: " in text and "--model=elf-cpu: " in text
     result = cli("-h")
     assert result.returncode == 0 and result.stdout.strip() == text.strip() and not result.stderr
