@@ -183,7 +183,7 @@ def progress(stats, total=0):
             f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s{eta})")
 
 def pair_examples(path, block_size, stats):
-    """Source, end-of-text, target, end-of-text padding to block_size (ELF.md §6), in stats."""
+    """Source, end-of-text, target, padding to block_size (README: Conditions); cuts in stats."""
     for pair in read_jsonl(path, "source", "target") or fail(f"{path}: missing, or not all pairs"):
         source, target = (get_encoder().encode_ordinary(pair[k]) for k in ("source", "target"))
         keep = max(block_size // 2 - 1, block_size - 2 - len(target))  # source gives way first

@@ -1,4 +1,5 @@
-"""train.py and sample.py end to end on a tiny model: memorisation, exact resume, benches, clean errors."""
+"""train.py and sample.py end to end on a tiny model: memorisation, exact resume, benches, clean
+errors."""
 import json
 import os
 import signal
@@ -15,15 +16,15 @@ from prepare_data import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "To be, or not to be, that is the question.\n"
-TEXT_IDS = [2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808, 13, 198]  # GPT-2 BPE of TEXT
-TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--embed_dim=32", "--bottleneck_dim=32", "--block_size=14",
-        "--batch_size=16", "--warmup_iters=20", "--eval_iters=1", "--sample_steps=4", "--num_eval_samples=1",
-        "--log_interval=50"]
+TEXT_IDS = [2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808, 13, 198]  # its GPT-2 BPE
+TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--embed_dim=32", "--bottleneck_dim=32",
+        "--block_size=14", "--batch_size=16", "--warmup_iters=20", "--eval_iters=1",
+        "--sample_steps=4", "--num_eval_samples=1", "--log_interval=50"]
 
 
 @pytest.fixture
 def data_dir(tmp_path):
-    """One sequence (plus end-of-text): with block_size = its length every window is the whole text."""
+    """One sequence and end-of-text: with block_size its length, every window is the whole text."""
     folder = tmp_path / "data" / "one"
     folder.mkdir(parents=True)
     for shard in ("one_train_000001.bin", "one_val_000000.bin"):
@@ -36,16 +37,18 @@ def run_train(data_dir, out_dir, *extra):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
-def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_path, capsys, monkeypatch):
+def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_path, capsys,
+                                                               monkeypatch):
     out = str(tmp_path / "out")
     run_train(data_dir, out, "--max_iters=200", "--eval_interval=200")
     log = capsys.readouterr().out
-    losses = [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if " loss " in line]
+    losses = [float(line.split("loss ")[1].split()[0])
+              for line in log.splitlines() if " loss " in line]
     assert losses[-1] < 0.1 * losses[0]
     samples = str(tmp_path / "samples.jsonl")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                         # no judge weights: entropy only
-    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--num_samples=3", f"--out={samples}", "--eval",
-                 "--judge=surely-not-a-model"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                  # no judge weights: entropy only
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--num_samples=3", f"--out={samples}",
+                 "--eval", "--judge=surely-not-a-model"])
     texts = [json.loads(line)["text"] for line in open(samples)]
     assert texts == [TEXT] * 3
     assert "s per sample" in capsys.readouterr().out
@@ -54,7 +57,8 @@ def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_pat
     assert summary["n"] == 3 and summary["steps"] == 32 and summary["s_per_sample"] > 0
     # Pictures: train.py's loss curve, and the trajectory from noise to the memorised text.
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert any("val" in r for r in rows) and all({"loss", "mse", "ce"} <= r.keys() for r in rows if "val" not in r)
+    assert any("val" in r for r in rows)
+    assert all({"loss", "mse", "ce"} <= r.keys() for r in rows if "val" not in r)
     sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--trajectory", "--steps=8"])
     printed = [line for line in capsys.readouterr().out.splitlines() if ", t = " in line]
     assert len(printed) == 2 * 8 and printed[7] == f"sample 0, t = 1.000 | {TEXT!r}"
@@ -79,7 +83,8 @@ def test_resume_continues_exactly(data_dir, tmp_path):
 
 def test_learning_rate_schedules():
     tc = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert train.lr_at(0, tc) == pytest.approx(0.1) and train.lr_at(9, tc) == 1.0 and train.lr_at(100, tc) == 1.0
+    assert train.lr_at(0, tc) == pytest.approx(0.1)
+    assert train.lr_at(9, tc) == 1.0 and train.lr_at(100, tc) == 1.0
     tc.lr_schedule = "cosine"
     assert train.lr_at(60, tc) == pytest.approx(0.55) and train.lr_at(110, tc) == pytest.approx(0.1)
 
@@ -105,10 +110,11 @@ def test_bad_config_is_a_clear_error(args, message):
 
 
 def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
+    paths = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", *TINY]
     with pytest.raises(train.ConfigError, match="prepare_data.py"):
-        train.main(["--dataset=nothing", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", *TINY])
+        train.main(["--dataset=nothing", *paths])
     with pytest.raises(train.ConfigError, match="lower --block_size"):
-        train.main(["--dataset=one", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", *TINY, "--block_size=64"])
+        train.main(["--dataset=one", *paths, "--block_size=64"])
     with pytest.raises(train.ConfigError, match="no checkpoint"):
         run_train(data_dir, tmp_path / "o", "--resume")
     blocker = tmp_path / "file"
@@ -136,7 +142,8 @@ def test_sample_bad_inputs_are_clear_errors(data_dir, tmp_path):
 
 def cli(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
 
 
 def test_command_line_errors_are_one_line(tmp_path):
@@ -144,16 +151,17 @@ def test_command_line_errors_are_one_line(tmp_path):
                  ["sample.py", "--ckpt", str(tmp_path / "none.pt")]):
         result = cli(*args)
         assert result.returncode != 0
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_benches_print_one_json_line():
-    result = cli("train.py", "--bench", "--model=elf-cpu", "--n_layer=1", "--batch_size=4", "--block_size=16",
-                 "--bench_warmup=1", "--bench_steps=2")
+    result = cli("train.py", "--bench", "--model=elf-cpu", "--n_layer=1", "--batch_size=4",
+                 "--block_size=16", "--bench_warmup=1", "--bench_steps=2")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     assert stats["bench"] == "train" and stats["tokens_per_s"] > 0 and stats["step_s"] > 0
-    result = cli("sample.py", "--bench", "--model=elf-cpu", "--batch_size=2", "--length=16", "--steps=2",
-                 "--bench_batches=1", "--ckpt=none")
+    result = cli("sample.py", "--bench", "--model=elf-cpu", "--batch_size=2", "--length=16",
+                 "--steps=2", "--bench_batches=1", "--ckpt=none")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     assert stats["bench"] == "sample" and stats["sequences_per_s"] > 0
 
@@ -173,29 +181,36 @@ def random_data_dir(tmp_path):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(random_data_dir, tmp_path):
-    args = ["--dataset=rand", f"--data_dir={random_data_dir}", *TINY, "--batch_size=8", "--grad_accum=2",
-            "--max_iters=4", "--eval_interval=4", "--log_interval=1"]
+    args = ["--dataset=rand", f"--data_dir={random_data_dir}", *TINY, "--batch_size=8",
+            "--grad_accum=2", "--max_iters=4", "--eval_interval=4", "--log_interval=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True,
-                         text=True, env=env, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.run([*torchrun, "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    assert "= 4 x 1 accumulation x 2 processes" in ddp.stdout and "ranks in sync: 2 processes" in ddp.stdout
+    assert "= 4 x 1 accumulation x 2 processes" in ddp.stdout
+    assert "ranks in sync: 2 processes" in ddp.stdout
     single = cli("train.py", *args, f"--out_dir={tmp_path / 'one'}")
     assert "= 4 x 2 accumulation x 1 processes" in single.stdout
-    losses = lambda out: [float(l.split("loss ")[1].split()[0]) for l in out.splitlines() if " loss " in l]  # noqa: E731
+
+    def losses(out):
+        return [float(line.split("loss ")[1].split()[0])
+                for line in out.splitlines() if " loss " in line]
+
     assert losses(ddp.stdout) == pytest.approx(losses(single.stdout), rel=1e-4)
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("ddp", "one"))
     for name, tensor in a["model"].items():
-        assert torch.allclose(tensor, b["model"][name], atol=1e-5), (name, (tensor - b["model"][name]).abs().max())
+        difference = (tensor - b["model"][name]).abs().max()
+        assert torch.allclose(tensor, b["model"][name], atol=1e-5), (name, difference)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path, signum):
-    args = ["train.py", "--dataset=rand", f"--data_dir={random_data_dir}", f"--out_dir={tmp_path}", *TINY,
-            "--max_iters=100000", "--log_interval=1", "--eval_interval=100000"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = ["train.py", "--dataset=rand", f"--data_dir={random_data_dir}", f"--out_dir={tmp_path}",
+            *TINY, "--max_iters=100000", "--log_interval=1", "--eval_interval=100000"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:                                          # wait until training runs
         if line.startswith("iter 3:"):
             break
@@ -206,22 +221,24 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path, 
     iteration = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"]
     assert iteration >= 3
     resumed = cli(*args[:-2], f"--max_iters={iteration + 2}", "--eval_interval=1000", "--resume")
-    assert f"resumed from {tmp_path / 'ckpt.pt'} at iteration {iteration}" in resumed.stdout, resumed.stderr
+    said = f"resumed from {tmp_path / 'ckpt.pt'} at iteration {iteration}"
+    assert said in resumed.stdout, resumed.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
     before = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(train.ConfigError, match=r"non-finite loss or gradient at iteration \d+"):
-        run_train(data_dir, tmp_path, "--resume", "--max_iters=50", "--eval_interval=50", "--log_interval=5",
-                  "--lr=1e30", "--grad_clip=1e30")
+        run_train(data_dir, tmp_path, "--resume", "--max_iters=50", "--eval_interval=50",
+                  "--log_interval=5", "--lr=1e30", "--grad_clip=1e30")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 def test_bad_shards_are_clear_errors(tmp_path):
     folder = tmp_path / "d" / "bad"
     folder.mkdir(parents=True)
-    base = ["--dataset=bad", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}", *TINY, "--max_iters=1"]
+    base = ["--dataset=bad", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}", *TINY,
+            "--max_iters=1"]
     (folder / "train.bin").write_bytes(b"\x01" * 300)                 # the format before shards
     with pytest.raises(train.ConfigError, match="again if it has train.bin"):
         train.main(base)
@@ -240,7 +257,8 @@ def test_bad_shards_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--num_samples=-2", "--steps=0", "--length=0",
-                                 "--bench_batches=0", "--cfg_scale=nan", "--gamma=-1", "--scale=inf"])
+                                 "--bench_batches=0", "--cfg_scale=nan", "--gamma=-1",
+                                 "--scale=inf"])
 def test_sample_arguments_out_of_range_are_one_line_errors(bad, capsys):
     """Checked before anything is loaded: counts at least 1, scales finite and non-negative."""
     flag = bad.split("=")[0]
