@@ -101,10 +101,12 @@ class TokenEmbedding(nn.Module):
 # The network (README: The network): one transformer for both denoising and decoding.
 
 def sinusoidal(values, dim=256, max_period=10000.0):
-    """Sinusoidal features of scalars (B,) -> (B, dim); values times 1000 spread t in [0, 1]."""
+    """Sinusoidal features of scalars (B,) -> (B, dim), of the raw values, as the authors' code:
+    nearby values (t = 0.50 and 0.51, w = 3.0 and 3.05) get nearby features. (Scaling by 1000
+    first, as for diffusion steps 0..999, gives w = 3.0 and 3.05 unrelated high frequencies.)"""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
-    angles = 1000.0 * values.float()[:, None] * freqs[None]
+    angles = values.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):

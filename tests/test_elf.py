@@ -15,6 +15,7 @@ from elf import (
     draw_training_noise,
     elf_loss,
     sde_step,
+    sinusoidal,
     time_grid,
     velocity,
 )
@@ -76,6 +77,15 @@ def test_decode_mode_changes_output():
     denoise = model(z, t, w, torch.zeros_like(z), torch.zeros(2))
     decode = model(z, t, w, torch.zeros_like(z), torch.ones(2))
     assert not torch.allclose(denoise, decode)
+
+
+def test_time_and_scale_features_are_smooth_in_the_raw_value():
+    """t and w enter the sinusoidal features as they are: nearby values get nearby (but distinct)
+    features, far ones different features; w = 3.0 and 3.05 must not look unrelated."""
+    features = sinusoidal(torch.tensor([3.0, 3.05, 0.5, 0.5, 0.51]))
+    similarity = F.cosine_similarity(features[:, None], features[None], dim=-1)
+    assert 0.99 < similarity[0, 1] < 1 and similarity[0, 2] < 0.9
+    assert similarity[3, 4] > 0.999 and not torch.equal(features[3], features[4])
 
 
 class LinearToyModel(torch.nn.Module):
