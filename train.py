@@ -1,5 +1,4 @@
-"""
-Train ELF on token shards made by prepare_data.py (README: Training objective).
+"""Train ELF on token shards made by prepare_data.py (README: Training objective).
 
     python train.py                               # CPU quick start on data/tinyshakespeare
     python train.py --preset=elf-b-owt            # the paper's ELF-B recipe (one GPU)
@@ -55,7 +54,6 @@ class TrainConfig:
     log_interval: int = 50
     eval_interval: int = 250
     eval_iters: int = 10
-    sample_steps: int = 32            # sampling steps for the samples shown at each evaluation
     num_eval_samples: int = 2
     seed: int = 1337
     resume: bool = False
@@ -65,6 +63,12 @@ class TrainConfig:
     bench: bool = False               # time steps on random tokens: one JSON line, no checkpoint
     bench_warmup: int = 5
     bench_steps: int = 20
+    # sampling: how this model's samples are drawn (sample.py's defaults for its checkpoints)
+    sample_steps: int = 32            # integration steps from noise (t = 0) to data (t = 1)
+    sampler: str = "sde"              # 'sde' (the paper's, churn sample_gamma) or 'ode' (Euler)
+    sample_gamma: float = 1.5         # SDE churn
+    sample_scale: float = 3.0         # self-conditioning guidance scale w
+    sample_schedule: str = "logit_normal"  # time grid: 'logit_normal' or 'uniform'
 
 PRESETS = {
     "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25),  # the quick start, half conditioned
@@ -85,7 +89,8 @@ BY_TYPE = {int: (lambda v: v > 0, "an integer > 0"), str: (bool, "non-empty"),
            bool: (lambda v: v in (True, False), "true or false")}
 CHOICES = dict(model=tuple(MODEL_SIZES), optimizer=("muon", "adamw"), prediction=("x", "v"),
                lr_schedule=("constant", "cosine"), dtype=("auto", "float32", "bfloat16"),
-               compile=("auto", "true", "false"), embedding=("gaussian", "learned"))
+               compile=("auto", "true", "false"), embedding=("gaussian", "learned"),
+               sampler=("sde", "ode"), sample_schedule=("logit_normal", "uniform"))
 RULES = [
     ("warmup_iters bench_warmup", lambda v: v >= 0, "an integer >= 0"),
     ("seed embedding_seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)"),
@@ -101,6 +106,7 @@ RULES = [
 ]
 RULE_OF = {name: BY_TYPE[type(value)] for name, value in DEFAULTS.items()}
 RULE_OF |= {name: (test, what) for names, test, what in RULES for name in names.split()}
+TRUTH = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 def check(tc, mc):
     """Each field against its rule, then the rules that tie fields together."""
@@ -123,33 +129,26 @@ def check(tc, mc):
         if bad:
             raise ConfigError(message)
 
-def parse_value(text, default, key):
-    """A command-line string as the type of the field's default, or an error saying what is not."""
-    truth = {"": True, "1": True, "true": True, "yes": True,
-             "0": False, "false": False, "no": False}
-    try:
-        return truth[text.lower()] if isinstance(default, bool) else type(default)(text)
-    except (KeyError, ValueError):
-        expected = "true or false" if isinstance(default, bool) else type(default).__name__
-        raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
-
 def parse_args(argv):
     """--key=value (or --flag) overrides of TrainConfig and ELFConfig, after --preset, --model."""
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
-        key, _, overrides[key] = arg[2:].partition("=")
+    if bad := [arg for arg in argv if not arg.startswith("--")]:
+        raise ConfigError(f"unexpected argument {bad[0]!r}: use --key=value")
+    overrides = dict(arg[2:].partition("=")[::2] for arg in argv)   # {key: value}
     preset = overrides.pop("preset", "cpu")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     settings = dict(PRESETS[preset])
-    for key, value in overrides.items():
+    for key, text in overrides.items():
         if key not in DEFAULTS:
             close = difflib.get_close_matches(key, [*DEFAULTS, "preset"], n=3)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key --{key}{hint}")
-        settings[key] = parse_value(value, DEFAULTS[key], key)
+        kind = type(DEFAULTS[key])                              # a string as the default's type
+        try:
+            settings[key] = TRUTH[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            expected = "true or false" if kind is bool else kind.__name__
+            raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
     tc = TrainConfig(**{k: settings[k] for k in asdict(TrainConfig()) if k in settings})
     model = {**MODEL_SIZES.get(tc.model, {}), **settings}     # an unknown --model: check says so
     mc = ELFConfig(**{k: model[k] for k in asdict(ELFConfig()) if k in model})
@@ -159,8 +158,7 @@ def parse_args(argv):
 def usage():
     """--help: each field, its default and the comment beside it in the source; then the presets."""
     text = [__doc__.strip(), "", "Fields, as --key=default (ELFConfig's are the paper's ELF-B):"]
-    source = inspect.getsource(TrainConfig) + inspect.getsource(ELFConfig)
-    for line in source.splitlines():
+    for line in (inspect.getsource(TrainConfig) + inspect.getsource(ELFConfig)).splitlines():
         code, _, comment = line.partition("#")                 # no default holds a '#'
         name = code.split(":")[0].strip()
         if name in DEFAULTS:
@@ -174,20 +172,17 @@ def usage():
         text.append(textwrap.fill(" ".join(words), 100, subsequent_indent="    "))
     return "\n".join(line.rstrip() for line in text)
 
-# ----------------------------------------------------------------------------------------------
-# Data: random windows of block_size tokens from a dataset's memmapped shards (llm.c's format), or,
-# for paired data (prepare_data.py --pairs), whole examples: source, end-of-text, target, padding.
+# Data: windows of block_size tokens of memmapped shards (llm.c's format), or, for paired data
+# (prepare_data.py --pairs), whole examples: source, end-of-text, target, padding.
 
 def open_shards(tc, mc, split):
-    """([(path, tokens)], paired): the dataset's *_{split}_*.bin shards, checked here rather than
-    failing deep inside training. No meta.json (FineWeb's shards): plain GPT-2 tokens."""
+    """([(path, tokens)], paired): the *_{split}_*.bin shards, checked before training starts."""
     folder = os.path.join(tc.data_dir, tc.dataset)
     meta_path = os.path.join(folder, "meta.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}  # none: GPT-2 tokens
     paired = meta.get("pairs", False)
-    if paired and meta["block_size"] != mc.block_size:
-        raise ConfigError(f"{folder} has pairs of {meta['block_size']} tokens: "
-                          f"pass --block_size={meta['block_size']}")
+    if paired and (n := meta["block_size"]) != mc.block_size:
+        raise ConfigError(f"{folder} has pairs of {n} tokens: pass --block_size={n}")
     shards = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
         head = np.fromfile(path, dtype="<i4", count=256)    # magic, version, token count, zeros
@@ -220,26 +215,10 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
                           "re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, the log, the learning rate, devices.
-
-def save_checkpoint(path, state):
-    # Temporary file + rename: a crash or Ctrl-C mid-write leaves the previous checkpoint intact.
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}: train first, or drop --resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # CPU: no GPU memory spike
-    except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); "
-                          "it is truncated or corrupt") from None
+# The log, the learning rate, devices; the Trainer (its step, evaluation, checkpoints); main.
 
 def keep_log_until(path, last_iter, say):
-    """The rows of log.jsonl up to the checkpoint's iteration; the file is rewritten without the
-    rest (a run killed after its last checkpoint logged past it, and may have torn a line)."""
+    """log.jsonl's rows to the checkpoint's iteration: a killed run logged past it, maybe torn."""
     lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
     kept, malformed = [], 0
     for line in lines:
@@ -296,8 +275,7 @@ def init_distributed(tc):
     return dist.get_rank(), dist.get_world_size(), device
 
 class Trainer:
-    """The model, its EMA and the optimizers; `step` is one optimizer step, of this process's share
-    of the step's grad_accum micro-batches."""
+    """The model, its EMA, the optimizers; `step` runs this process's share of a step's batches."""
 
     def __init__(self, tc, mc, device, rank=0, world=1):
         if tc.grad_accum % world:
@@ -321,28 +299,21 @@ class Trainer:
         self.iter, self.paired = 0, False                       # paired: prepare_data.py --pairs
         self.first_bad = torch.tensor(-1, device=device)        # first non-finite loss or gradient
 
-    def batches(self, shards):
-        """get_tokens for step and evaluate: a generator -> a micro-batch of the shards' windows."""
-        mc = self.mc
-        return lambda g: get_batch(shards, self.micro, mc.block_size, g, mc.vocab_size, self.paired)
-
-    def step(self, get_tokens):
-        """get_tokens(generator) -> a (micro, block_size) batch. Returns the step's mean (loss, mse,
-        ce) and gradient norm as device tensors: nothing here waits for the GPU."""
+    def step(self, shards):
+        """One step on windows of shards (None: random tokens). The mean (loss, mse, ce) and the
+        gradient norm, as device tensors: nothing here waits for the GPU."""
         tc = self.tc
         for group in [group for opt in self.optimizers for group in opt.param_groups]:
             group["lr"] = lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
             index = self.rank * self.accum + k                  # of all the step's micro-batches
-            parts = self.micro_batch_loss(self.forward_model, get_tokens, tc.seed, self.iter, index)
+            parts = self.micro_batch_loss(self.forward_model, shards, tc.seed, self.iter, index)
             (parts[0] / tc.grad_accum).backward()               # the mean over all micro-batches
             totals += torch.stack(parts).detach() / tc.grad_accum
         if self.world > 1:                                      # once a step, after the last one
-            for p in self.params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-            dist.all_reduce(totals)
+            for tensor in [totals] + [p.grad for p in self.params if p.grad is not None]:
+                dist.all_reduce(tensor)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(totals[0])
         self.first_bad = torch.where(bad & (self.first_bad < 0), self.iter, self.first_bad)
@@ -356,37 +327,46 @@ class Trainer:
         return totals, grad_norm
 
     def check_finite(self):
-        """Stop, keeping the last good checkpoint, if a step had a non-finite loss or gradient."""
-        if (bad := int(self.first_bad)) >= 0:
+        if (bad := int(self.first_bad)) >= 0:               # keep the last good checkpoint
             raise ConfigError(f"non-finite loss or gradient at iteration {bad}; stopped without "
                               "saving, the last good checkpoint is kept (try a lower --lr)")
 
-    def micro_batch_loss(self, model, get_tokens, seed, it, index):
+    def micro_batch_loss(self, model, shards, seed, it, index):
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
-        host_gen, device_gen = elf.micro_batch_generators(seed, it, index, self.device)
-        tokens = elf.to_device(get_tokens(host_gen), self.device)
+        host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
+        size, n = (self.micro, self.mc.block_size), self.mc.vocab_size
+        tokens = (get_batch(shards, *size, host_gen, n, self.paired) if shards else
+                  torch.randint(0, elf.N_VOCAB, size, generator=host_gen))      # --bench
+        tokens = elf.to_device(tokens, self.device)
         eot = tokens == EOT                 # paired data's condition: up to the first end-of-text
         cond = eot.cumsum(1) <= eot if self.paired else None
-        draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, device_gen, self.device,
-                                        cond)
+        draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, cond)
         with self.autocast:
             return elf.elf_loss(model, tokens, draws)
 
     @torch.no_grad()
     def evaluate(self, shards):
         """The objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        get_tokens = self.batches(shards)
-        losses = [self.micro_batch_loss(self.ema, get_tokens, 0, 0, i)[0]
+        losses = [self.micro_batch_loss(self.ema, shards, 0, 0, i)[0]
                   for i in range(self.tc.eval_iters)]
         return torch.stack(losses).mean().item()               # one host sync for the evaluation
 
-    def state_dict(self):
+    def save(self, path):
         # No generator states: the randomness of every step follows from (seed, iteration).
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "train_config": asdict(self.tc), "model_config": asdict(self.mc), "iter": self.iter}
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizers": [opt.state_dict() for opt in self.optimizers], "iter": self.iter,
+                 "train_config": asdict(self.tc), "model_config": asdict(self.mc)}
+        torch.save(state, path + ".tmp")        # then renamed: a crash mid-write keeps the last one
+        os.replace(path + ".tmp", path)
 
-    def load_state_dict(self, ckpt):
+    def load(self, path):
+        if not os.path.exists(path):
+            raise ConfigError(f"no checkpoint at {path}: train first, or drop --resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no GPU memory spike
+        except Exception as e:
+            raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); "
+                              "it is truncated or corrupt") from None
         saved, wanted = ckpt["model_config"], asdict(self.mc)
         if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
             raise ConfigError("checkpoint model config differs in " + ", ".join(
@@ -397,16 +377,26 @@ class Trainer:
             opt.load_state_dict(state)
         self.iter = ckpt["iter"]
 
+    def check_in_sync(self, log):
+        """Every rank must end with identical weights and EMA: all ranks' checksums are equal."""
+        sums = torch.stack([p.double().sum() for p in self.params + self.ema_params])
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise ConfigError("ranks ended with different weights; please report this")
+        log(f"ranks in sync: {self.world} processes hold identical weights and EMA")
+
 def bench(trainer, tc, mc, device):
     """Random tokens at the configured shape: warm-up steps, then timed steps; one JSON line."""
-    shape, gpu, peak = (trainer.micro, mc.block_size), device.type == "cuda", elf.peak_flops(device)
+    gpu, peak = device.type == "cuda", elf.peak_flops(device)
     for i in range(tc.bench_warmup + tc.bench_steps):
         if i == tc.bench_warmup:                        # warm-up done (compilation included)
             if gpu:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        trainer.step(lambda g: torch.randint(0, elf.N_VOCAB, shape, generator=g))
+        trainer.step(None)
     if gpu:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / tc.bench_steps
@@ -424,7 +414,7 @@ def main(argv=None):
         return print(usage())
     tc, mc = parse_args(argv)
     rank, world, device = init_distributed(tc)
-    master = rank == 0                                   # rank 0 alone logs, evaluates and saves
+    master = rank == 0                   # rank 0 alone logs, evaluates and saves; others: devnull
     log = print if master else (lambda *a, **k: None)
     trainer = Trainer(tc, mc, device, rank, world)
     if tc.bench:
@@ -438,7 +428,7 @@ def main(argv=None):
     except OSError:
         raise ConfigError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
     if tc.resume:
-        trainer.load_state_dict(load_checkpoint(ckpt_path))
+        trainer.load(ckpt_path)
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
         if trainer.iter >= tc.max_iters:
             raise ConfigError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
@@ -452,7 +442,7 @@ def main(argv=None):
         f"x {world} processes, of {mc.block_size} tokens")
     # Every metric as a JSON line of out_dir/log.jsonl (drawn as loss.png); a new run, a new log.
     rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
-    log_file = open(log_path, "a" if tc.resume else "w", buffering=1) if master else None
+    log_file = open(log_path if master else os.devnull, "a" if tc.resume else "w", buffering=1)
     stop = []                        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
@@ -460,7 +450,7 @@ def main(argv=None):
     t0, it0 = time.perf_counter(), trainer.iter
     try:
         while trainer.iter < tc.max_iters:
-            totals, grad_norm = trainer.step(trainer.batches(train_shards))
+            totals, grad_norm = trainer.step(train_shards)
             it = trainer.iter
             logging = it % tc.log_interval == 0 or it == tc.max_iters
             stopping = bool(stop) and world == 1
@@ -476,9 +466,8 @@ def main(argv=None):
                 lr = lr_at(it - 1, tc)                  # the rate the step just taken used
                 log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) "
                     f"grad {grad_norm.item():.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
-                if master:
-                    rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
-                    print(json.dumps(rows[-1]), file=log_file)
+                rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
+                print(json.dumps(rows[-1]), file=log_file)
                 t0, it0 = time.perf_counter(), it
             if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
                 trainer.check_finite()
@@ -489,34 +478,23 @@ def main(argv=None):
                     print(json.dumps(rows[-1]), file=log_file)
                     plot_losses(rows, os.path.join(tc.out_dir, "loss.png"))
                     with trainer.autocast:              # samples from the EMA weights
-                        sample.show(trainer.ema, tc.num_eval_samples, tc.sample_steps, tc.seed)
+                        settings = sample.settings_from(asdict(tc))
+                        sample.show(trainer.ema, tc.num_eval_samples, settings, tc.seed)
                 if master:
-                    save_checkpoint(ckpt_path, trainer.state_dict())
+                    trainer.save(ckpt_path)
                 t0, it0 = time.perf_counter(), it
             if stopping:
                 log(f"interrupted: checkpoint of iteration {it} written to {ckpt_path}; "
                     "continue with the same command plus --resume")
                 break
         if world > 1:
-            check_in_sync(trainer, log)
+            trainer.check_in_sync(log)
     finally:
-        if log_file:
-            log_file.close()
+        log_file.close()
         for s, h in previous.items():
             signal.signal(s, h)
         if world > 1:
             dist.destroy_process_group()
-
-def check_in_sync(trainer, log):
-    """Every rank must end with identical weights and EMA: all ranks' checksums are equal."""
-    sums = torch.stack([sum(p.double().sum() for p in ps)
-                        for ps in (trainer.params, trainer.ema_params)])
-    low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise ConfigError("ranks ended with different weights; please report this")
-    log(f"ranks in sync: {trainer.world} processes hold identical weights and EMA")
 
 if __name__ == "__main__":
     try:
