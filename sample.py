@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -50,18 +50,18 @@ def generate(model, num_samples, length, settings=SamplerConfig(), generator=Non
     shape = (num_samples, length, cfg.embed_dim)
     z = cfg.noise_scale * torch.randn(shape, generator=generator, device=device)  # t = 0: noise
     x_prev = torch.zeros_like(z)                     # the self-conditioning input starts at zero
-    x_cond = (torch.zeros_like(z) if cond is None     # the fixed text's clean embeddings
-              else torch.where(cond[..., None], model.embed(cond_tokens), 0.0))
+    x_cond = None if cond is None else torch.where(cond[..., None], model.embed(cond_tokens), 0.0)
     denoise_w = lambda z_, t_, x_sc: denoise_fn(z_, t_, w, x_sc)  # noqa: E731
     step_fn = elf.conditioned(denoise_w, cond, x_cond, settings.cfg_scale)
     for i in range(settings.steps):       # SDE steps with churn, the last an ODE step onto t = 1
         gamma = settings.gamma if settings.sampler == "sde" and i < settings.steps - 1 else 0.0
         noise = torch.randn(shape, generator=generator, device=device) if gamma > 0 else None
-        z, x_prev = elf.sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], gamma, noise, cfg)
+        z, x_hat = elf.sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], gamma, noise, cfg)
         z = elf.hold_condition(z, cond, x_cond)      # conditions: restored after each step
-        x_prev = x_prev.to(z.dtype)
+        if cfg.self_cond_prob > 0:                   # trained without self-conditioning: x_sc = 0
+            x_prev = x_hat.to(z.dtype)
         if on_step:
-            on_step(grid[i + 1], z, x_prev)
+            on_step(grid[i + 1], z, x_hat)
     tokens = elf.argmax_tokens(decode_fn(z, w, x_cond), N_VOCAB)  # the same network, decoding
     return tokens if cond is None else torch.where(cond, cond_tokens, tokens)
 
@@ -74,20 +74,26 @@ def generate_all(model, rows, n, length, settings, batch_size, generator, passes
         tokens += generate(model, k, length, settings, generator, *cond, **passes).tolist()
     return tokens
 
-def show(model, num_samples, steps, seed):
+def settings_from(train_config, **given):
+    """Sampler settings: those given (not None), else the checkpoint's (train.py's sample_*)."""
+    names = dict(steps="sample_steps", sampler="sampler", gamma="sample_gamma",
+                 scale="sample_scale", schedule="sample_schedule")
+    trained = {k: train_config[name] for k, name in names.items() if name in train_config}
+    return replace(SamplerConfig(**trained), **{k: v for k, v in given.items() if v is not None})
+
+def show(model, num_samples, settings, seed):
     """Print a few samples of the model's full length (train.py shows some at each evaluation)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    tokens = generate(model, num_samples, model.cfg.block_size, SamplerConfig(steps=steps), gen)
+    tokens = generate(model, num_samples, model.cfg.block_size, settings, gen)
     for text in decode_texts(tokens.tolist()):
         print("  | " + text.replace("\n", "\n  | "))
 
 def compiled_passes(model, compile_flag, device):
     """generate's denoise_fn/decode_fn compiled, if asked ('auto': on CUDA). CUDA graphs (mode
     reduce-overhead) remove launch overhead; a graph's next run overwrites its outputs: clones."""
-    use_gpu = device.type == "cuda"
-    if compile_flag == "false" or (compile_flag == "auto" and not use_gpu):
+    if compile_flag == "false" or (compile_flag == "auto" and device.type != "cuda"):
         return {}
-    mode = "reduce-overhead" if use_gpu else "default"
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
     denoise, decode = (torch.compile(f, mode=mode) for f in (model.denoise, model.decode))
     return dict(denoise_fn=lambda *a: denoise(*a).clone(), decode_fn=lambda *a: decode(*a).clone())
 
@@ -100,9 +106,8 @@ def cut_at_eot(row):
 
 def unigram_entropy(tokens):
     """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
-    counts = torch.unique(torch.tensor(tokens, dtype=torch.long), return_counts=True)[1].double()
-    p = counts / counts.sum()
-    return float(-(p * p.log()).sum()) if len(tokens) else 0.0
+    p = torch.tensor(tokens).unique(return_counts=True)[1].double() / max(len(tokens), 1)
+    return float(-(p * p.log()).sum())
 
 @torch.no_grad()
 def pooled_nll(judge, samples, bos=EOT):
@@ -156,9 +161,8 @@ def score_pairs(pairs, rows, tokens):
 def trajectory(model, length, settings, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
     """What the flow does: x_hat decoded at a few steps, and z_t's paths in a 2-D PCA (pictures)."""
     from matplotlib.figure import Figure  # files only, no display; imported when drawing
-    states = []                                      # (t, z of sample 0, x_hat) after each step
-    tokens = generate(model, n_samples, length, settings, gen,
-                      on_step=lambda t, z, x_hat: states.append((t, z[0].float().cpu(), x_hat)))
+    states = []                                      # (t, z, x_hat) after each step
+    tokens = generate(model, n_samples, length, settings, gen, on_step=lambda *s: states.append(s))
     w = torch.full((n_samples,), settings.scale, device=gen.device)
     picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
     decoded = [elf.argmax_tokens(model.decode(states[i][2], w), N_VOCAB).tolist() for i in picks]
@@ -167,14 +171,12 @@ def trajectory(model, length, settings, gen, out_dir, n_samples=2, n_rows=8, n_p
     ax = Figure(figsize=(12, 0.45 * len(lines) + 0.6)).subplots()
     for y, (k, t, text) in enumerate(lines):
         print(f"sample {k}, t = {t:.3f} | {text!r}")
-        ax.text(0, len(lines) - y, f"{k}: t = {t:.2f}   {text[:105]!r}", family="monospace",
-                fontsize=8, va="center")
+        ax.text(0, -y, f"{k}: t = {t:.2f}   {text[:105]!r}", family="monospace", size=8)
     ax.set_axis_off()
-    ax.set(ylim=(0.3, len(lines) + 0.7), title="x_hat decoded along the flow: noise (top) to text")
+    ax.set(ylim=(0.3 - len(lines), 0.7), title="x_hat decoded along the flow: noise (top) to text")
     ax.figure.savefig(os.path.join(out_dir, "trajectory.png"), dpi=90, bbox_inches="tight")
-    paths = torch.stack([z[:n_paths] for _, z, _ in states])          # (steps, positions, d)
-    paths = paths - paths.flatten(0, 1).mean(0)
-    xy = paths @ torch.linalg.svd(paths.flatten(0, 1), full_matrices=False)[2][:2].T  # top-2 axes
+    paths = torch.stack([z[0, :n_paths].float().cpu() for _, z, _ in states])  # (steps, pos., d)
+    xy = paths @ torch.linalg.eigh(torch.cov(paths.flatten(0, 1).T))[1][:, [-1, -2]]  # top-2 PCs
     ax = Figure(figsize=(6, 5)).subplots()
     for p, label in enumerate(decode_texts(tokens[0, :n_paths, None].tolist())):
         ax.plot(xy[:, p, 0], xy[:, p, 1], marker=".", alpha=0.7)
@@ -197,9 +199,9 @@ def bench(model, length, settings, args, gen, passes):
                           sequences_per_s=round(args.batch_size / s, 2))))
 
 def load(args, device):
-    """(model, sample length) of a train.py checkpoint (--bench without one: an untrained model)."""
+    """(model, sample length, train config) of a checkpoint (--bench without one: untrained)."""
     if args.bench and not os.path.exists(args.ckpt):
-        model = ELF(ELFConfig(**MODEL_SIZES[args.model]))
+        model, ckpt = ELF(ELFConfig(**MODEL_SIZES[args.model])), {}
     elif not os.path.exists(args.ckpt):
         sys.exit(f"error: no checkpoint at {args.ckpt}: train one (python train.py) or pass --ckpt")
     else:
@@ -208,12 +210,11 @@ def load(args, device):
             model = ELF(ELFConfig(**ckpt["model_config"]))
             model.load_state_dict(ckpt[args.weights])
         except Exception as e:
-            sys.exit(f"error: {args.ckpt} is not a compatible ELF checkpoint ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:120]})")
+            sys.exit(f"error: {args.ckpt} is not a compatible ELF checkpoint ({e!r:.120})")
     length, block_size = args.length or model.cfg.block_size, model.cfg.block_size
     if length > block_size:
         sys.exit(f"error: --length {length} is outside 1..{block_size} (the model's block_size)")
-    return model.to(device).eval(), length
+    return model.to(device).eval(), length, ckpt.get("train_config", {})
 
 def read_rows(path, key):
     """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
@@ -232,8 +233,7 @@ def templates(args, pairs, length):
                  for t in ([None] * int(part) if i % 2 else enc.encode_ordinary(part))]]
     for row in rows:
         if len(row) > length or (len(row) == length and None not in row):
-            sys.exit(f"error: the fixed text takes {len(row)} of {length} tokens "
-                     "(--length or block_size): shorten it")
+            sys.exit(f"error: the text takes {len(row)} of {length} tokens (--length): shorten it")
     return rows if pairs else rows * args.num_samples
 
 def condition_tensors(rows, length, device):
@@ -259,11 +259,11 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
     p.add_argument("--length", type=int, help="tokens per sample (default: block_size)")
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--sampler", default="sde", choices=["sde", "ode"])
-    p.add_argument("--gamma", type=float, default=1.5, help="SDE churn")
-    p.add_argument("--scale", type=float, default=3.0, help="self-conditioning guidance w")
-    p.add_argument("--schedule", default="logit_normal", choices=["logit_normal", "uniform"])
+    p.add_argument("--steps", type=int, help="default: the checkpoint's (paper: 32)")
+    p.add_argument("--sampler", choices=["sde", "ode"], help="paper: sde")
+    p.add_argument("--gamma", type=float, help="SDE churn (paper: 1.5)")
+    p.add_argument("--scale", type=float, help="self-conditioning guidance w (paper: 3)")
+    p.add_argument("--schedule", choices=["logit_normal", "uniform"], help="paper: logit_normal")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON lines output (default: next to the checkpoint)")
@@ -287,22 +287,22 @@ def parse_args(argv):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("gamma", "scale", "cfg_scale"):    # scales: finite and non-negative (NaN fails)
-        if not 0 <= getattr(args, name) < math.inf:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:
             p.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     return args
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = SamplerConfig(**{k: getattr(args, k) for k in asdict(SamplerConfig())})
-    mps = torch.backends.mps.is_available()          # 'auto': cuda, then mps, then cpu
-    auto = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    given = {k: getattr(args, k) for k in asdict(SamplerConfig())}
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     out_dir = os.path.dirname(args.samples or args.ckpt) or "."
     args.results = args.results or os.path.join(out_dir, "results.jsonl")
     if args.samples:                                 # judge texts made earlier: no model needed
         tokens = [get_encoder().encode_ordinary(r["text"]) for r in read_rows(args.samples, "text")]
-        return judge_samples(tokens, args, settings, None, device)
-    model, length = load(args, device)
+        return judge_samples(tokens, args, settings_from({}, **given), None, device)
+    model, length, train_config = load(args, device)
+    settings = settings_from(train_config, **given)
     pairs = read_rows(args.pairs, "source") if args.pairs else None
     fixed = pairs or args.infill or args.prompt or args.prompt_file
     rows = templates(args, pairs, length) if fixed else None
