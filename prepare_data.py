@@ -32,13 +32,13 @@ def fail(msg):  # one clear line on stderr instead of a traceback; tests catch t
 
 def download_shakespeare(out_dir):
     path = Path(out_dir) / "tinyshakespeare.txt"
-    url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+           "input.txt")
     try:
         if not path.exists():
-            with urllib.request.urlopen(url, timeout=30) as r:
-                data = r.read()  # fully in memory first: no half-written file on failure
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            with urllib.request.urlopen(url, timeout=30) as r:
+                path.write_bytes(r.read())  # read in full first: no half-written file on failure
     except OSError as e:  # URLError, timeouts and DNS failures are all OSErrors
         fail(f"could not download Tiny Shakespeare ({e}); pass --input path/to/tinyshakespeare.txt")
     return path
