@@ -109,7 +109,6 @@ RULE_OF |= {name: (test, what) for names, test, what in RULES for name in names.
 TRUTH = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 def check(tc, mc):
-    """Each field against its rule, then the rules that tie fields together."""
     for name, value in {**asdict(tc), **asdict(mc)}.items():
         test, what = RULE_OF[name]
         if not test(value):
@@ -215,8 +214,6 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
                           "re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
-# The log, the learning rate, devices; the Trainer (its step, evaluation, checkpoints); main.
-
 def keep_log_until(path, last_iter, say):
     """log.jsonl's rows to the checkpoint's iteration: a killed run logged past it, maybe torn."""
     lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
@@ -237,7 +234,6 @@ def keep_log_until(path, last_iter, say):
     return kept
 
 def plot_losses(rows, png_path):
-    """loss.png from the log's rows: training loss, its MSE and CE parts, and the val objective."""
     from matplotlib.figure import Figure  # files only, no display or global state
     ax = Figure(figsize=(7, 4)).subplots()
     for key in ("loss", "mse", "ce", "val"):
