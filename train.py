@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import asdict, dataclass
@@ -418,11 +417,6 @@ def main(argv=None):
     train_shards, trainer.paired = open_shards(tc, mc, "train")
     val_shards, _ = open_shards(tc, mc, "val")
     ckpt_path, log_path = os.path.join(tc.out_dir, "ckpt.pt"), os.path.join(tc.out_dir, "log.jsonl")
-    try:
-        os.makedirs(tc.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=tc.out_dir).close()
-    except OSError:
-        raise ConfigError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
     if tc.resume:
         trainer.load(ckpt_path)
         log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
@@ -437,8 +431,12 @@ def main(argv=None):
         f"{device}; global batch {tc.batch_size} = {trainer.micro} x {trainer.accum} accumulation "
         f"x {world} processes, of {mc.block_size} tokens")
     # Every metric as a JSON line of out_dir/log.jsonl (drawn as loss.png); a new run, a new log.
-    rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
-    log_file = open(log_path if master else os.devnull, "a" if tc.resume else "w", buffering=1)
+    try:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
+        log_file = open(log_path if master else os.devnull, "a" if tc.resume else "w", buffering=1)
+    except OSError:
+        raise ConfigError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
     stop = []                        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
