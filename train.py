@@ -160,7 +160,7 @@ def usage():
         code, _, comment = line.partition("#")                 # no default holds a '#'
         name = code.split(":")[0].strip()
         if name in DEFAULTS:
-            text.append(f"  --{name}={DEFAULTS[name]}".ljust(30) + comment.strip())
+            text.append(f"  --{name}={DEFAULTS[name]}".ljust(29) + " " + comment.strip())
         elif comment and not code.strip():                      # a section's heading
             text.append("#" + comment)
     text.append("# sizes and presets (--preset=cpu unless given), set before the --key=value given")

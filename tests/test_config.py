@@ -55,6 +55,11 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--model=elf-xxl"], r"--model must be one of elf-b, elf-m, elf-l, elf-cpu"),
     (["--device=gpu"], r"--device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
     (["--out_dir="], r"--out_dir must be non-empty"),
+    # how the samples at each evaluation (and sample.py's, by default) are drawn
+    (["--sampler=euler"], r"--sampler must be one of sde, ode, got 'euler'"),
+    (["--sample_schedule=cos"], r"--sample_schedule must be one of logit_normal, uniform"),
+    (["--sample_gamma=-1"], r"--sample_gamma must be finite and >= 0"),
+    (["--sample_scale=inf"], r"--sample_scale must be finite and >= 0, got inf"),
     # rules that tie fields together
     (["--batch_size=10", "--grad_accum=3"], r"batch_size 10 is not a multiple of grad_accum 3"),
     (["--n_head=5"], r"n_embd 192 is not 5 heads of even size: --n_head can be 1, 2, 3, 4, 6, 8,"),
@@ -117,6 +122,7 @@ def test_help_lists_every_field_with_its_default_and_comment_and_the_presets(cap
                for line in lines)
     assert any(line.startswith("  --noise_scale=2.0") and "sigma: z_t" in line for line in lines)
     assert "# optimisation (README: Training objective)" in text
+    assert any(line.startswith("  --sample_schedule=logit_normal time grid") for line in lines)
     assert "--preset=elf-b-owt: " in text and "--model=elf-cpu: " in text
     result = cli("-h")
     assert result.returncode == 0 and result.stdout.strip() == text.strip() and not result.stderr
