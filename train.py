@@ -219,20 +219,19 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
 def keep_log_until(path, last_iter, say):
     """log.jsonl's rows to the checkpoint's iteration: a killed run logged past it, maybe torn."""
     lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
-    kept, malformed = [], 0
+    kept = []
     for line in lines:
         try:
             row = json.loads(line)
             if row["iter"] <= last_iter:
                 kept.append(row)
-        except (ValueError, KeyError, TypeError):              # a torn or malformed line
-            malformed += 1
+        except (ValueError, KeyError, TypeError):              # a torn or malformed line: dropped
+            continue
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in kept)
     os.replace(path + ".tmp", path)                         # like checkpoints: whole or not at all
-    if len(kept) < len(lines):
-        say(f"{path}: skipped {malformed} malformed line(s), dropped "
-            f"{len(lines) - len(kept) - malformed} rows past iteration {last_iter}")
+    if dropped := len(lines) - len(kept):
+        say(f"{path}: kept {len(kept)} rows, dropped {dropped} torn or past iteration {last_iter}")
     return kept
 
 def plot_losses(rows, png_path):
@@ -295,7 +294,6 @@ class Trainer:
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         self.iter, self.paired = 0, False                       # paired: prepare_data.py --pairs
-        self.first_bad = torch.tensor(-1, device=device)        # first non-finite loss or gradient
 
     def step(self, shards):
         """One step on windows of shards (None: random tokens). The mean (loss, mse, ce) and the
@@ -313,8 +311,6 @@ class Trainer:
             for tensor in [totals] + [p.grad for p in self.params if p.grad is not None]:
                 dist.all_reduce(tensor)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
-        bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(totals[0])
-        self.first_bad = torch.where(bad & (self.first_bad < 0), self.iter, self.first_bad)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=False)
@@ -323,11 +319,6 @@ class Trainer:
         torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         self.iter += 1
         return totals, grad_norm
-
-    def check_finite(self):
-        if (bad := int(self.first_bad)) >= 0:               # keep the last good checkpoint
-            raise ConfigError(f"non-finite loss or gradient at iteration {bad}; stopped without "
-                              "saving, the last good checkpoint is kept (try a lower --lr)")
 
     def micro_batch_loss(self, model, shards, seed, it, index):
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
@@ -374,16 +365,6 @@ class Trainer:
         for opt, state in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         self.iter = ckpt["iter"]
-
-    def check_in_sync(self, log):
-        """Every rank must end with identical weights and EMA: all ranks' checksums are equal."""
-        sums = torch.stack([p.double().sum() for p in self.params + self.ema_params])
-        low, high = sums.clone(), sums.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        if not torch.equal(low, high):
-            raise ConfigError("ranks ended with different weights; please report this")
-        log(f"ranks in sync: {self.world} processes hold identical weights and EMA")
 
 def bench(trainer, tc, mc, device):
     """Random tokens at the configured shape: warm-up steps, then timed steps; one JSON line."""
@@ -455,19 +436,22 @@ def main(argv=None):
                 flag = torch.tensor([float(bool(stop))], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
+            saving = it % tc.eval_interval == 0 or it == tc.max_iters or stopping
+            if logging or saving:                       # a step's only host sync
+                (loss, mse, ce), grad = totals.tolist(), grad_norm.item()
+                if not math.isfinite(loss + grad):      # before any checkpoint is written over
+                    raise ConfigError(f"non-finite loss or gradient at iteration {it}: stopped, "
+                                      "the last good checkpoint is kept (try a lower --lr)")
             if logging:
-                trainer.check_finite()
-                loss, mse, ce = totals.tolist()         # a step's only host sync, at log lines
                 tok_s = (it - it0) * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
                 mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
                 lr = lr_at(it - 1, tc)                  # the rate the step just taken used
                 log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) "
-                    f"grad {grad_norm.item():.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
+                    f"grad {grad:.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
                 rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
                 print(json.dumps(rows[-1]), file=log_file)
                 t0, it0 = time.perf_counter(), it
-            if it % tc.eval_interval == 0 or it == tc.max_iters or stopping:
-                trainer.check_finite()
+            if saving:
                 if master and not stopping:
                     val = trainer.evaluate(val_shards)
                     log(f"iter {it}: val {val:.4f}")
@@ -484,8 +468,13 @@ def main(argv=None):
                 log(f"interrupted: checkpoint of iteration {it} written to {ckpt_path}; "
                     "continue with the same command plus --resume")
                 break
-        if world > 1:
-            trainer.check_in_sync(log)
+        if world > 1:                       # every rank must end with identical weights and EMA
+            sums = torch.stack([p.double().sum() for p in trainer.params + trainer.ema_params])
+            extremes = torch.stack([sums, -sums])           # max and -min, in one all_reduce
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            if not torch.equal(extremes[0], -extremes[1]):
+                raise ConfigError("ranks ended with different weights; please report this")
+            log(f"ranks in sync: {world} processes hold identical weights and EMA")
     finally:
         log_file.close()
         for s, h in previous.items():

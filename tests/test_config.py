@@ -157,8 +157,8 @@ def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_di
     capsys.readouterr()
     run(data_dir, tmp_path, "--max_iters=6", "--resume")
     out = capsys.readouterr().out
-    assert out.count("malformed") == 1
-    assert "skipped 1 malformed line(s), dropped 3 rows past iteration 4" in out
+    assert out.count("dropped") == 1
+    assert "log.jsonl: kept 6 rows, dropped 4 torn or past iteration 4" in out
     text = log_path.read_text()
     assert text.startswith(clean) and text.endswith("\n")
     rows = [json.loads(line) for line in text.splitlines()]
@@ -177,7 +177,7 @@ def test_the_log_reader_alone(tmp_path):
     lines = [json.dumps(good[0]), "[1, 2]", '{"loss": 1}', json.dumps(good[1]), '{"iter": 4,']
     open(path, "w").write("\n".join(lines))
     assert train.keep_log_until(path, 3, said.append) == good
-    assert said == [f"{path}: skipped 3 malformed line(s), dropped 0 rows past iteration 3"]
+    assert said == [f"{path}: kept 2 rows, dropped 3 torn or past iteration 3"]
     assert open(path).read() == '{"iter": 1, "loss": 2.0}\n{"iter": 3, "val": 1.5}\n'
 
 
