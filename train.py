@@ -17,7 +17,7 @@ import signal
 import sys
 import textwrap
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -366,40 +366,21 @@ class Trainer:
             opt.load_state_dict(state)
         self.iter = ckpt["iter"]
 
-def bench(trainer, tc, mc, device):
-    """Random tokens at the configured shape: warm-up steps, then timed steps; one JSON line."""
-    gpu, peak = device.type == "cuda", elf.peak_flops(device)
-    for i in range(tc.bench_warmup + tc.bench_steps):
-        if i == tc.bench_warmup:                        # warm-up done (compilation included)
-            if gpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-        trainer.step(None)
-    if gpu:
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t0) / tc.bench_steps
-    tokens_per_s = tc.batch_size * mc.block_size / step_s
-    mfu = round(tokens_per_s * elf.flops_per_token(mc) / peak, 4) if peak else None
-    print(json.dumps(dict(
-        bench="train", model=tc.model, device=str(device), batch=tc.batch_size,
-        block_size=mc.block_size, gpu=torch.cuda.get_device_name(device) if gpu else None,
-        step_s=round(step_s, 4), mfu=mfu, tokens_per_s=round(tokens_per_s),
-        peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None)))
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         return print(usage())
     tc, mc = parse_args(argv)
     rank, world, device = init_distributed(tc)
-    master = rank == 0                   # rank 0 alone logs, evaluates and saves; others: devnull
+    master = rank == 0 and not tc.bench  # rank 0 alone logs, evaluates and saves (--bench: none)
     log = print if master else (lambda *a, **k: None)
     trainer = Trainer(tc, mc, device, rank, world)
-    if tc.bench:
-        return bench(trainer, tc, mc, device)
-    train_shards, trainer.paired = open_shards(tc, mc, "train")
-    val_shards, _ = open_shards(tc, mc, "val")
+    if tc.bench:            # the loop below on random tokens, timing the steps after bench_warmup
+        tc = replace(tc, max_iters=tc.bench_warmup + tc.bench_steps, resume=False)
+        train_shards = val_shards = None
+    else:
+        train_shards, trainer.paired = open_shards(tc, mc, "train")
+        val_shards, _ = open_shards(tc, mc, "val")
     ckpt_path, log_path = os.path.join(tc.out_dir, "ckpt.pt"), os.path.join(tc.out_dir, "log.jsonl")
     if tc.resume:
         trainer.load(ckpt_path)
@@ -416,7 +397,8 @@ def main(argv=None):
         f"x {world} processes, of {mc.block_size} tokens")
     # Every metric as a JSON line of out_dir/log.jsonl (drawn as loss.png); a new run, a new log.
     try:
-        os.makedirs(tc.out_dir, exist_ok=True)
+        if master:
+            os.makedirs(tc.out_dir, exist_ok=True)
         rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
         log_file = open(log_path if master else os.devnull, "a" if tc.resume else "w", buffering=1)
     except OSError:
@@ -424,19 +406,21 @@ def main(argv=None):
     stop = []                        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    peak, fpt = elf.peak_flops(device), elf.flops_per_token(mc)
+    peak, fpt, gpu = elf.peak_flops(device), elf.flops_per_token(mc), device.type == "cuda"
     t0, it0 = time.perf_counter(), trainer.iter
     try:
         while trainer.iter < tc.max_iters:
             totals, grad_norm = trainer.step(train_shards)
             it = trainer.iter
             logging = it % tc.log_interval == 0 or it == tc.max_iters
+            if tc.bench:                                # the timer restarts after the warm-up
+                logging = it in (tc.bench_warmup, tc.max_iters)
             stopping = bool(stop) and world == 1
             if world > 1 and logging:                   # the processes agree on when to stop
                 flag = torch.tensor([float(bool(stop))], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
-            saving = it % tc.eval_interval == 0 or it == tc.max_iters or stopping
+            saving = (it % tc.eval_interval == 0 or it == tc.max_iters or stopping) and not tc.bench
             if logging or saving:                       # a step's only host sync
                 (loss, mse, ce), grad = totals.tolist(), grad_norm.item()
                 if not math.isfinite(loss + grad):      # before any checkpoint is written over
@@ -451,6 +435,16 @@ def main(argv=None):
                 rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
                 print(json.dumps(rows[-1]), file=log_file)
                 t0, it0 = time.perf_counter(), it
+            if tc.bench and gpu and it == tc.bench_warmup:
+                torch.cuda.reset_peak_memory_stats()    # the timed steps' peak
+            if tc.bench and it == tc.max_iters:         # one JSON line: the timed steps' speed
+                memory = round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None
+                return print(json.dumps(dict(
+                    bench="train", model=tc.model, device=str(device), batch=tc.batch_size,
+                    block_size=mc.block_size, gpu=torch.cuda.get_device_name() if gpu else None,
+                    step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+                    mfu=round(tok_s * fpt / (peak * world), 4) if peak else None,
+                    tokens_per_s=round(tok_s), peak_mem_gb=memory)))
             if saving:
                 if master and not stopping:
                     val = trainer.evaluate(val_shards)

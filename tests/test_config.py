@@ -185,7 +185,7 @@ def test_config_printed_once_and_a_finished_or_replaced_run_is_said(data_dir, tm
     run(data_dir, tmp_path, "--max_iters=2")
     out = capsys.readouterr().out
     assert out.count("config (what differs from --help's defaults): ") == 1
-    assert "max_iters=2" in out and "n_layer=1" in out and " lr=" not in out      # lr: the default
+    assert "max_iters=2" in out and "n_layer=1" in out and " grad_clip=" not in out  # a default
     with pytest.raises(train.ConfigError, match="at iteration 2, not before --max_iters=2: raise"):
         run(data_dir, tmp_path, "--max_iters=2", "--resume")
     run(data_dir, tmp_path, "--max_iters=1")                      # a new run in the same out_dir
