@@ -436,15 +436,15 @@ def main(argv=None):
                 print(json.dumps(rows[-1]), file=log_file)
                 t0, it0 = time.perf_counter(), it
             if tc.bench and gpu and it == tc.bench_warmup:
-                torch.cuda.reset_peak_memory_stats()    # the timed steps' peak
+                torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak
             if tc.bench and it == tc.max_iters:         # one JSON line: the timed steps' speed
-                memory = round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None
+                memory = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if gpu else None
                 return print(json.dumps(dict(
-                    bench="train", model=tc.model, device=str(device), batch=tc.batch_size,
-                    block_size=mc.block_size, gpu=torch.cuda.get_device_name() if gpu else None,
-                    step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+                    bench="train", model=tc.model, device=str(device), block_size=mc.block_size,
+                    batch=tc.batch_size, step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+                    gpu=torch.cuda.get_device_name(device) if gpu else None, peak_mem_gb=memory,
                     mfu=round(tok_s * fpt / (peak * world), 4) if peak else None,
-                    tokens_per_s=round(tok_s), peak_mem_gb=memory)))
+                    tokens_per_s=round(tok_s))))
             if saving:
                 if master and not stopping:
                     val = trainer.evaluate(val_shards)
