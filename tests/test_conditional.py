@@ -37,6 +37,8 @@ TINY_ARGS = [
     "--sample_steps=4",
     "--num_eval_samples=1",
     "--log_interval=50",
+    "--self_cond_prob=0.5",  # the paper's recipe, not the cpu preset's
+    "--lr_schedule=constant",
 ]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun"]
 
