@@ -203,7 +203,9 @@ def test_two_processes_match_one_with_the_same_global_batch(random_data_dir, tmp
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("ddp", "one"))
     for name, tensor in a["model"].items():
         difference = (tensor - b["model"][name]).abs().max()
-        assert torch.allclose(tensor, b["model"][name], atol=1e-5), (name, difference)
+        # Round-off of the summation order, grown by Muon's Newton-Schulz steps, reaches ~2e-5;
+        # a wrong split of the batch would differ by a whole update (lr 2e-3).
+        assert torch.allclose(tensor, b["model"][name], atol=1e-4), (name, difference)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
