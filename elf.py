@@ -1,16 +1,13 @@
-"""
-ELF: Embedded Language Flows, in one file.
+"""ELF: Embedded Language Flows (arXiv 2605.10938) in one file; "README: X" names its section X.
 
-A continuous flow-matching language model: tokens become embeddings, a transformer learns to turn
-Gaussian noise into embeddings (t = 0 is noise, t = 1 is data), and at t = 1 the *same* network,
-switched to "decode" mode by its mode tokens, turns the embeddings into tokens. The paper:
-"Embedded Language Flows", arXiv 2605.10938. "README: X" in a comment names the README's section X.
-
-Read top to bottom: config -> embedding -> network -> training objective -> sampler math -> cost
-model -> optimizer. The sampling loop and the judging of samples live in sample.py.
-"""
+Tokens become embeddings x; a transformer learns to turn Gaussian noise into x (t = 0 is noise,
+t = 1 is data), and at t = 1 the *same* network, switched to "decode" mode by its mode tokens,
+turns x into tokens. Top to bottom: config, embedding, network, flow, training objective, condition
+math, cost model, optimizer. The sampler's steps and loop, and judging, live in sample.py."""
+import functools
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -32,9 +29,11 @@ class ELFConfig:
     n_scale_tokens: int = 4
     dropout: float = 0.0
     # embedding (README: Embeddings)
-    embedding: str = "gaussian"   # 'gaussian' (frozen N(0,1) table) or 'learned' (trainable)
+    embedding: str = "gaussian"   # 'gaussian' (frozen N(0,1) table), 'learned' or 't5' (frozen)
     embedding_seed: int = 0       # the Gaussian table is regenerated from this seed, never stored
-    latent_std: float = 1.0       # embeddings are divided by this scalar
+    latent_std: float = 1.0       # embeddings are divided by this scalar (t5: 0.2)
+    encoder: str = "t5-small"     # --embedding=t5: the pretrained encoder (name or folder)
+    tokenizer: str = "gpt2"       # what the token ids mean: set by train.py from the data's
     # flow and objective (README: The flow, Training objective)
     prediction: str = "x"         # 'x' (x-prediction, the paper's) or 'v' (v-prediction, ablation)
     noise_scale: float = 2.0      # sigma: z_t = t x + (1 - t) sigma eps
@@ -49,19 +48,14 @@ class ELFConfig:
     guidance: bool = True         # training-time self-conditioning guidance; False: the ablation
     guidance_min: float = 0.5     # w range; (w + 1) is log-uniform on [1 + min, 1 + max]
     guidance_max: float = 5.0
-    # conditions (README: Conditions): per example none, a clean prefix (prompting) or clean
-    # spans (infilling)
+    # conditions (README: Conditions): none, a clean prefix (prompting) or clean spans (infilling)
     cond_prefix_prob: float = 0.0  # the paper's unconditional model has neither
     cond_span_prob: float = 0.0
     cond_drop_prob: float = 0.1   # classifier-free guidance: conditions dropped (zeroed) this often
 
-EOT = 50256     # GPT-2 BPE's end-of-text token
-N_VOCAB = 50257  # GPT-2 BPE's vocabulary size (vocab_size pads it)
-
-# Named sizes (README: The network). 'elf-cpu' is this project's own: small enough to train on a
-# laptop CPU in minutes. Its embeddings have d = 64 instead of 512; how well a noisy embedding
-# identifies its token grows with d * SNR, so both noise scales shrink by sqrt(64/512) to keep the
-# paper's signal-to-noise per token.
+# Named sizes (README: The network). 'elf-cpu' is this project's: minutes on a laptop CPU. With
+# d = 64 instead of 512 both noise scales shrink by sqrt(64/512): how well a noisy embedding
+# identifies its token grows with d * SNR, and this keeps the paper's signal-to-noise per token.
 MODEL_SIZES = {
     "elf-b": dict(n_layer=12, n_embd=768, n_head=12),
     "elf-m": dict(n_layer=24, n_embd=1056, n_head=16),
@@ -79,7 +73,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.kind, self.latent_std = cfg.embedding, cfg.latent_std
+        self.kind, self.latent_std, self.encoder = cfg.embedding, cfg.latent_std, cfg.encoder
         if cfg.embedding == "gaussian":
             # Frozen N(0, 1) table, regenerated from the seed: a buffer that is not saved.
             g = torch.Generator().manual_seed(cfg.embedding_seed)
@@ -87,23 +81,65 @@ class TokenEmbedding(nn.Module):
             self.register_buffer("table", table, persistent=False)
         elif cfg.embedding == "learned":
             self.table = nn.Parameter(torch.randn(cfg.vocab_size, cfg.embed_dim))
-        else:
-            raise ValueError(f"unknown embedding {cfg.embedding!r}: use 'gaussian' or 'learned'")
+        elif cfg.embedding != "t5":
+            raise ValueError(f"unknown embedding {cfg.embedding!r}: use gaussian, learned or t5")
 
-    def forward(self, tokens):
+    def forward(self, tokens, cond=None):
+        """cond: (B, L) bool condition positions (README: Conditions), which t5 encodes alone."""
+        if self.kind == "t5":
+            return t5_embedding(self.encoder, tokens, cond) / self.latent_std
         x = self.table[tokens]
         if self.kind == "learned":
             # Unit-RMS rows: the loss could otherwise shrink all embeddings to zero (collapse).
             x = F.normalize(x, dim=-1) * math.sqrt(x.size(-1))
         return x / self.latent_std
 
+@functools.cache
+def frozen_encoder(name):
+    """The frozen pretrained T5 encoder of --embedding=t5 (optional `transformers`), loaded once.
+    Not a submodule: never trained, in the optimizer, the EMA or a checkpoint (just its name)."""
+    try:
+        from transformers import T5EncoderModel
+        return T5EncoderModel.from_pretrained(name).eval().requires_grad_(False)
+    except ImportError:
+        sys.exit("error: --embedding=t5 needs the optional `transformers` (pip install it)")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: no T5 encoder {name!r} here ({type(e).__name__}): fetch it once online, "
+                 "or pass --encoder=FOLDER")
+
+@torch.compiler.disable         # the encoder runs as it is: torch.compile traces the rest only
+@torch.no_grad()
+def t5_embedding(name, tokens, cond=None):
+    """The paper's default x: the frozen encoder's last hidden state of the whole sequence
+    (contextual). As in the authors' code, condition positions attend only to each other, so the
+    fixed text's x is the same in training (clean target beside it) and at sampling (unknown)."""
+    encoder = frozen_encoder(name).to(tokens.device)
+    x = encoder(input_ids=tokens).last_hidden_state
+    if cond is not None:                        # rows without a condition: attend everywhere
+        alone = cond | ~cond.any(1, keepdim=True)
+        x_alone = encoder(input_ids=tokens, attention_mask=alone.long()).last_hidden_state
+        x = torch.where(cond[..., None], x_alone, x)
+    return x.float()
+
+def config_for_data(cfg, tokenizer="gpt2", n_vocab=50257):
+    """cfg for the ids of this tokenizer (the data's meta.json): its vocabulary padded to a multiple
+    of 64 (fast matmuls); for --embedding=t5, the encoder's width, and ids it can read."""
+    if tokenizer != "gpt2":
+        cfg = replace(cfg, tokenizer=tokenizer, vocab_size=-(-n_vocab // 64) * 64)
+    if cfg.embedding == "t5":
+        t5 = frozen_encoder(cfg.encoder).config
+        if n_vocab > t5.vocab_size:
+            sys.exit(f"error: {cfg.encoder} reads {t5.vocab_size:,} token ids, the data has "
+                     f"{n_vocab:,}: run prepare_data.py --tokenizer={cfg.encoder}")
+        cfg = replace(cfg, embed_dim=t5.d_model)   # x is as wide as the encoder's hidden states
+    return cfg
+
 # ----------------------------------------------------------------------------------------------
 # The network (README: The network): one transformer for both denoising and decoding.
 
 def sinusoidal(values, dim=256, max_period=10000.0):
-    """Sinusoidal features of scalars (B,) -> (B, dim), of the raw values, as the authors' code:
-    nearby values (t = 0.50 and 0.51, w = 3.0 and 3.05) get nearby features. (Scaling by 1000
-    first, as for diffusion steps 0..999, gives w = 3.0 and 3.05 unrelated high frequencies.)"""
+    """Sinusoidal features (B,) -> (B, dim) of the raw values, as the authors' code: nearby values
+    (w = 3.0 and 3.05) get nearby features, which scaling by 1000 first would not give."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
     angles = values.float()[:, None] * freqs[None]
@@ -258,8 +294,7 @@ def noisy_state(x, t, eps, noise_scale):
     return t * x + (1 - t) * noise_scale * eps
 
 def corrupt_for_decode(x, lam, eps, decoder_noise_scale):
-    """Decode-step corruption: per token z = lam x + (1 - lam) s_dec eps, so that decoding is not
-    trivial (README: Training objective)."""
+    """Decode-step corruption per token (README: Training objective): lam x + (1-lam) s_dec eps."""
     lam = lam[..., None]
     return lam * x + (1 - lam) * decoder_noise_scale * eps
 
@@ -287,11 +322,9 @@ def draw_condition(cfg, batch, length, generator=None):
 
 @dataclass
 class Draws:
-    """All randomness of one training step. Rows are split into three blocks: [0, n_self_cond) are
-    self-conditioned denoise examples, [n_self_cond, B - n_decode) plain denoise examples and the
-    last n_decode decode examples. Windows are drawn i.i.d., so roles by block with binomial
-    counts are the same distribution as a coin per example, and every sub-batch is a slice (no
-    host sync)."""
+    """All randomness of one training step. Rows come in three blocks: [0, n_self_cond) self-
+    conditioned denoise rows, then plain denoise rows, then the last n_decode decode rows. Windows
+    are i.i.d., so blocks of binomial sizes equal a coin per row, and each block is a slice."""
     n_self_cond: int
     n_decode: int
     t: torch.Tensor      # (B,) times, 1 for decode rows
@@ -303,9 +336,8 @@ class Draws:
 
 def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None,
                         cond=None):
-    """Draw the roles, times and scales of one step on the host (small, and the block sizes must be
-    known there), and the large noise tensors on the device. Two generators make it reproducible.
-    cond: the data's own condition positions (paired data); else they are drawn from the mixture."""
+    """The roles, times and scales of one step, drawn on the host (the block sizes must be known
+    there), and the noise on the device. cond: paired data's conditions; None: drawn (mixture)."""
     n_decode = int((torch.rand(batch, generator=generator) < cfg.decoder_prob).sum())
     coins = torch.rand(batch - n_decode, generator=generator)
     n_self_cond = int((coins < cfg.self_cond_prob).sum())
@@ -331,9 +363,8 @@ def to_device(tensor, device):
     return tensor.to(device)
 
 def micro_batch_generators(seed, it, index, device):
-    """Host and device generators for micro-batch `index` of step `it`. Data windows and noise
-    depend on (seed, it, index) alone, so a resumed run draws exactly what an uninterrupted one
-    would, and any split of a step's micro-batches over processes draws what one process would."""
+    """Generators (host, device) for micro-batch `index` of step `it`: data and noise depend on
+    (seed, it, index) alone, so a resumed run, or any split over processes, draws the same."""
     s = (seed * 1_000_003 + it) * 4099 + index
     return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
 
@@ -346,9 +377,8 @@ def micro_batch_generators(seed, it, index, device):
 #     loss   = |v(x_hat(hidden)) - v_target|^2  or, decode examples, CE(logits(hidden), tokens)
 #
 # elf_loss below is exactly these four lines, one helper each. Around them, set apart:
-# - efficiency: rows are packed in blocks by role (Draws), so the no-grad pass runs on the
-#   self-conditioned rows only, the decode head on the decode rows only, and guidance's v_sc is
-#   read off the main pass instead of costing a third pass;
+# - efficiency: rows packed in blocks by role (Draws): the no-grad pass runs on self-conditioned
+#   rows only, the decode head on decode rows only, and guidance's v_sc comes off the main pass;
 # - conditions (README: Conditions): clean positions held in the inputs and left out of the loss.
 
 def guided_target(v, v_sc, v_no_sc, w):
@@ -366,12 +396,6 @@ def model_inputs(model, x, draws):
     decode = (torch.arange(x.size(0), device=x.device) >= n_den).float()
     return torch.cat([z_den, z_dec]), decode
 
-def condition_positions(x, draws):
-    """(B, L) bool: the condition positions of the batch; all False for an unconditional batch."""
-    if draws.cond is None:
-        return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-    return draws.cond
-
 def hold_condition(z, cond, x_cond):
     """Condition positions hold their clean embedding x_cond, whatever the flow did there (in
     training and at every sampling step). cond None: no conditions."""
@@ -383,7 +407,9 @@ def apply_conditions(x, z, draws):
     example's condition they show zeros instead. Returns (z, x_cond, in_loss): x_cond, the clean
     embeddings at shown condition positions and zeros elsewhere, is also every row's x_sc before
     self-conditioning. Without conditions: z unchanged, x_cond = 0, in_loss = 1."""
-    cond = condition_positions(x, draws)
+    cond = draws.cond
+    if cond is None:
+        return z, torch.zeros_like(x), x.new_ones(x.shape[:2])
     shown = cond if draws.drop is None else cond & ~draws.drop[:, None]
     x_cond = torch.where(shown[..., None], x, 0.0)
     return hold_condition(z, cond, x_cond), x_cond, (~cond).float()
@@ -399,7 +425,7 @@ def self_condition(model, z, x_cond, decode, draws):
         z_sc, t_sc = z[:n_sc], d.t[:n_sc]
         x_no_sc = model.predict_x(model(z_sc, t_sc, d.w[:n_sc], x_cond[:n_sc], decode[:n_sc]),
                                   z_sc, t_sc)
-    cond = condition_positions(x_cond, d)[:n_sc]
+    cond = None if d.cond is None else d.cond[:n_sc]
     x_sc_rows = hold_condition(x_no_sc.to(z.dtype), cond, x_cond[:n_sc])
     return torch.cat([x_sc_rows, x_cond[n_sc:]]), x_no_sc
 
@@ -431,11 +457,10 @@ def decode_loss(model, hidden, tokens, in_loss, n_decode):
 def elf_loss(model, tokens, draws):
     """The ELF objective for one mixed batch. Returns (loss, mse, ce): loss is (sum of decode-token
     CE + sum of denoise-token velocity MSE) / number of tokens in the loss (all but conditions);
-    mse and ce are the means over their own tokens.
-
-    Cost: one no-grad forward on the self-conditioned rows only, then one forward+backward."""
+    mse and ce are the means over their own tokens. Cost: one no-grad forward on the self-
+    conditioned rows only, then one forward+backward."""
     d, n_den = draws, tokens.size(0) - draws.n_decode
-    x = model.embed(tokens)
+    x = model.embed(tokens, d.cond)
     z, decode = model_inputs(model, x, d)                           # line 1
     z, x_cond, in_loss = apply_conditions(x, z, d)                  # conditions only
     x_sc, x_no_sc = self_condition(model, z, x_cond, decode, d)     # line 2
@@ -450,37 +475,12 @@ def elf_loss(model, tokens, draws):
     return (mse_sum + ce_sum) / in_loss.sum().clamp(min=1), mse, ce
 
 # ----------------------------------------------------------------------------------------------
-# Sampler math (README: Sampling). The loop that uses these lives in sample.py.
-
-def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
-    """t_0 = 0 < ... < t_N = 1. 'uniform', or 'logit_normal': N - 1 sorted draws of the training-
-    time distribution between the endpoints (more steps where training put its effort)."""
-    if schedule == "uniform":
-        return torch.linspace(0, 1, steps + 1)
-    if schedule != "logit_normal":
-        raise ValueError(f"unknown schedule {schedule!r}: use 'logit_normal' or 'uniform'")
-    device = generator.device if generator is not None else None
-    noise = torch.randn(steps - 1, generator=generator, device=device).cpu()
-    inner = torch.sigmoid(cfg.t_mean + cfg.t_std * noise).sort().values
-    return torch.cat([torch.zeros(1), inner, torch.ones(1)])
-
-def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
-    """One step from t to t_next with churn gamma; gamma = 0 is the plain Euler ODE step. Churn
-    first moves back to t_b = alpha t by re-noising, then an Euler step goes from t_b to t_next.
-    denoise_fn(z, t_batch, x_sc) -> x_hat. Returns (z_next, x_hat), x_hat feeding the next x_sc."""
-    alpha = min(max(1.0 - gamma * (t_next - t), 0.0), 1.0)
-    t_b = alpha * t
-    z_b = alpha * z + (1 - alpha) * cfg.noise_scale * noise if alpha < 1 else z
-    t_batch = torch.full((z.size(0),), t_b, device=z.device)
-    x_hat = denoise_fn(z_b, t_batch, x_prev)
-    v_hat = velocity(x_hat, z_b, t_batch, cfg.t_eps)
-    return z_b + (t_next - t_b) * v_hat, x_hat
+# Conditional sampling's math (README: Conditions); the loop and its steps live in sample.py.
 
 def conditioned(denoise_fn, cond, x_cond, cfg_scale=1.0):
-    """denoise_fn(z, t, x_sc) -> x_hat for conditional sampling (README: Conditions): the condition
-    is held clean in both inputs. Classifier-free guidance (cfg_scale c != 1) adds a pass with the
-    condition dropped (zeros, as in training) and returns x_u + c (x_c - x_u); both passes share z
-    at the generated positions, so its velocity is v_u + c (v_c - v_u)."""
+    """denoise_fn(z, t, x_sc) -> x_hat with the condition held clean in both inputs (README:
+    Conditions). Classifier-free guidance (cfg_scale c != 1) adds a pass with the condition dropped
+    (zeros, as in training): x_u + c (x_c - x_u), whose velocity is v_u + c (v_c - v_u) (same z)."""
     def denoise(z, t, x_sc):
         x_c = denoise_fn(hold_condition(z, cond, x_cond), t, hold_condition(x_sc, cond, x_cond))
         if cond is None or cfg_scale == 1:
@@ -489,17 +489,12 @@ def conditioned(denoise_fn, cond, x_cond, cfg_scale=1.0):
         return x_u + cfg_scale * (x_c - x_u)
     return denoise
 
-def argmax_tokens(logits, n_vocab=None):
-    """Final decode: the most likely token per position, ignoring the vocabulary's padding rows."""
-    return logits[..., :n_vocab].argmax(-1)
-
 # ----------------------------------------------------------------------------------------------
 # Cost model, for the MFU that train.py logs.
 
 def flops_per_token(mc):
-    """FLOPs per trained token for the work a step really does: one forward+backward of the trunk
-    (3x the forward), a no-grad forward on the self-conditioned share of the rows, and the decode
-    head (hidden -> d -> vocab) forward+backward on the decode share only."""
+    """FLOPs per trained token of what a step does: the trunk's forward+backward (3x forward), a
+    no-grad forward on the self-conditioned rows, the decode head's on the decode rows only."""
     C, L, d = mc.n_embd, mc.block_size, mc.embed_dim
     T = L + mc.n_mode_tokens + mc.n_time_tokens + mc.n_scale_tokens
     inner = int(2 / 3 * 4 * C)
@@ -524,9 +519,8 @@ def peak_flops(device):
 
 def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95),
                          adam_lr=None):
-    """Returns a list of optimizers to step together. Muon orthogonalises updates of hidden 2-D
-    matrices; embeddings, heads, norms, biases and learned tokens go to AdamW (Muon takes 2-D only).
-    fused: one kernel launch for all of AdamW's tensors."""
+    """Optimizers to step together: Muon orthogonalises the updates of the blocks' 2-D matrices;
+    the rest (embeddings, heads, norms, biases, learned tokens) goes to a fused AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
         return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
@@ -539,3 +533,13 @@ def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, bet
     return [torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="original"),
             torch.optim.AdamW(adam, lr=adam_lr or lr, betas=betas, weight_decay=weight_decay,
                               fused=adam[0].is_cuda)]
+
+def lr_at(it, tc):
+    """The learning rate of step `it` (train.py's TrainConfig tc): a linear warm-up, then constant
+    (the paper's) or a cosine decay to min_lr."""
+    if it < tc.warmup_iters:
+        return tc.lr * (it + 1) / tc.warmup_iters
+    if tc.lr_schedule == "cosine":
+        progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
+        return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
+    return tc.lr

@@ -1,5 +1,4 @@
-"""Tokenize text into GPT-2 token shards for the diffusion language model: streamed, on all cores.
-
+"""Tokenize text into token shards (GPT-2 BPE unless --tokenizer) for ELF: streamed, on all cores.
     python prepare_data.py                                       # Tiny Shakespeare (downloaded)
     python prepare_data.py --input notes.txt books/ web.jsonl.gz --name mix
     python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT
@@ -22,53 +21,48 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC, VERSION, HEADER_BYTES, EOT = 20240520, 1, 256 * 4, 50256
+MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 CHUNK_CHARS = 1 << 20  # text per tokenizer task; a few tasks per worker in flight bound the memory
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 
-def fail(msg):  # one clear line on stderr instead of a traceback; tests catch the SystemExit
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+def fail(msg):  # one clear line on stderr (exit status 1) instead of a traceback
+    sys.exit(f"error: {msg}")
 
 def download_shakespeare(out_dir):
     path = Path(out_dir) / "tinyshakespeare.txt"
-    url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
-           "input.txt")
+    url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(url, timeout=30) as r:
-                path.write_bytes(r.read())  # read in full first: no half-written file on failure
+            path.write_bytes(urllib.request.urlopen(url, timeout=30).read())  # read, then written
     except OSError as e:  # URLError, timeouts and DNS failures are all OSErrors
         fail(f"could not download Tiny Shakespeare ({e}); pass --input path/to/tinyshakespeare.txt")
     return path
 
+Tokenizer = collections.namedtuple("Tokenizer", "name encode decode eot n_vocab")
+
 @functools.cache
-def get_encoder():
-    import tiktoken
+def get_tokenizer(name="gpt2"):
+    """The tokenizer seam: GPT-2's BPE (tiktoken) or a `transformers` one, by name or folder
+    (t5-small for --embedding=t5). encode makes no special tokens; eot ends (and pads) documents."""
     try:
-        return tiktoken.get_encoding("gpt2")
+        if name == "gpt2":
+            import tiktoken
+            bpe = tiktoken.get_encoding("gpt2")
+            return Tokenizer(name, bpe.encode_ordinary, bpe.decode, bpe.eot_token, bpe.n_vocab)
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(name)
+        return Tokenizer(name, functools.partial(hf.encode, add_special_tokens=False),
+                         functools.partial(hf.decode, skip_special_tokens=True), hf.eos_token_id,
+                         len(hf))
+    except ImportError:
+        fail(f"tokenizer {name} needs the optional `transformers`: pip install transformers")
     except Exception as e:  # noqa: BLE001 (offline without a cache: a network error deep inside)
-        fail(f"no gpt2 tokenizer ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to its files' folder")
-
-def decode_texts(rows, eot=EOT):  # samples' tokens -> strings, each cut at its first end-of-text
-    return [get_encoder().decode(row[:row.index(eot)] if eot in row else row) for row in rows]
-
-def read_jsonl(path, *keys):
-    """All rows of a JSON-lines file if each is an object with these string fields, else None."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
-        return None
-    ok = all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows)
-    return rows if rows and ok else None
+        fail(f"no {name} tokenizer ({type(e).__name__}): " + ("set TIKTOKEN_CACHE_DIR to its "
+             "files' folder" if name == "gpt2" else "fetch it once online, or pass a folder"))
 
 def header(count):  # llm.c's shards: 256 int32 (magic, version, token count), uint16 tokens
     return np.array([MAGIC, VERSION, count] + [0] * 253, dtype="<i4").tobytes()
-
-def write_shard(path, tokens):  # a whole shard at once, for tests and small tools
-    Path(path).write_bytes(header(len(tokens)) + np.asarray(tokens, dtype="<u2").tobytes())
 
 def append(shards, tokens, size, shard_path):
     """Appends tokens to the last of shards ([path, count]), or to shard_path(i) when full."""
@@ -112,8 +106,7 @@ def text_pieces(path, stats):
             try:
                 text = carry + chunk.decode("utf-8")
             except UnicodeDecodeError as e:
-                fail(f"{path} is not valid UTF-8 (byte offset {f.tell() - len(chunk) + e.start}: "
-                     f"{chunk[e.start:e.start + 1]!r})")
+                fail(f"{path} is not valid UTF-8 (byte offset {f.tell() - len(chunk) + e.start})")
             stats["bytes"], cut, i = stats["bytes"] + len(chunk), 0, len(text) - 1
             while not cut and (i := text.rfind("\n", 0, i)) > 0:
                 cut = 0 if text[i - 1].isspace() or text[i + 1].isspace() else i + 1
@@ -121,18 +114,22 @@ def text_pieces(path, stats):
             carry = text[cut:]
     yield carry, True
 
-def jsonl_texts(path, field, stats):  # the text fields of a .jsonl or .jsonl.gz file, line by line
-    with open(path, "rb") as raw, (gzip.open(raw) if path.suffix == ".gz" else raw) as lines:
-        number, start = 0, stats["bytes"]
-        try:
-            for number, line in enumerate(lines, 1):
+def jsonl_rows(path, keys, stats):
+    """The objects of a .jsonl or .jsonl.gz file, line by line (blank lines skipped), each with
+    these string fields: documents' text, pairs' source and target, samples' text."""
+    number, start = 0, stats["bytes"]
+    try:
+        with open(path, "rb") as raw, (gzip.open(raw) if str(path).endswith(".gz") else raw) as f:
+            for number, line in enumerate(f, 1):
                 stats["bytes"] = start + raw.tell()         # read from disk, compressed or not
-                row = json.loads(line) if line.strip() else {field: ""}
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    fail(f"{path}, line {number}: no text field {field!r} (see --text_field)")
-                yield row[field], True
-        except (ValueError, OSError, EOFError) as e:      # bad JSON or UTF-8, a damaged .gz
-            fail(f"{path}, line {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                if not line.strip():
+                    continue                                # blank lines are skipped
+                row = json.loads(line)
+                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in keys):
+                    fail(f"{path}, line {number}: no string field {' and '.join(keys)} (--help)")
+                yield row
+    except (ValueError, OSError, EOFError) as e:      # no file, bad JSON or UTF-8, a damaged .gz
+        fail(f"{path}, line {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 def hf_texts(name, config, field, stats):  # a Hugging Face dataset's texts, streamed
     try:
@@ -162,17 +159,18 @@ def batches(pieces, stats, total_bytes):  # non-blank pieces, about CHUNK_CHARS 
             print(progress(stats, total_bytes), flush=True)
     yield batch
 
-def encode(batch):  # encode_ordinary: a literal "<|endoftext|>" in the text stays text
-    ids = (get_encoder().encode_ordinary(text) + [EOT] * ends for text, ends in batch)
+def encode(tokenizer, batch):  # a literal "<|endoftext|>" in the text stays text
+    tok = get_tokenizer(tokenizer)
+    ids = (tok.encode(text) + [tok.eot] * ends for text, ends in batch)
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16)
 
-def tokenize(batches, workers):
+def tokenize(batches, workers, tokenizer):
     """Each batch's tokens, in order; the next window is read here while the last one runs."""
-    get_encoder()                   # fails here rather than in a worker; forked workers inherit it
+    encode_batch = functools.partial(encode, tokenizer)
     with multiprocessing.Pool(workers) as pool:
-        running = pool.map_async(encode, [])
+        running = pool.map_async(encode_batch, [])
         while window := list(itertools.islice(batches, 2 * workers)):
-            done, running = running, pool.map_async(encode, window)
+            done, running = running, pool.map_async(encode_batch, window)
             yield from done.get()
         yield from running.get()
 
@@ -182,19 +180,19 @@ def progress(stats, total=0):
     return (f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {megabytes:,.1f} MB in "
             f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s{eta})")
 
-def pair_examples(path, block_size, stats):
+def pair_examples(path, block_size, stats, tok):
     """Source, end-of-text, target, padding to block_size (README: Conditions); cuts in stats."""
-    for pair in read_jsonl(path, "source", "target") or fail(f"{path}: missing, or not all pairs"):
-        source, target = (get_encoder().encode_ordinary(pair[k]) for k in ("source", "target"))
+    for pair in jsonl_rows(path, ["source", "target"], stats):
+        source, target = (tok.encode(pair[k]) for k in ("source", "target"))
         keep = max(block_size // 2 - 1, block_size - 2 - len(target))  # source gives way first
-        example = source[:keep] + [EOT] + target + [EOT]
+        example = source[:keep] + [tok.eot] + target + [tok.eot]
         stats["documents"] += 1
         stats["truncated_sources"] += len(source) > keep
         stats["truncated_targets"] += len(example) > block_size
-        yield np.array(example[:block_size] + [EOT] * (block_size - len(example)), dtype=np.uint16)
+        yield example[:block_size] + [tok.eot] * (block_size - len(example))
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Tokenize text into GPT-2 token shards.")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", nargs="+", help=f"{'/'.join(SUFFIXES)} files, folders of them")
     ap.add_argument("--hf_dataset", help="a Hugging Face dataset, streamed (pip install datasets)")
     ap.add_argument("--hf_config", help="its configuration, e.g. sample-10BT")
@@ -206,11 +204,14 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
     ap.add_argument("--pairs", help='JSON lines {"source": ..., "target": ...}: paired examples')
     ap.add_argument("--block_size", type=int, default=64, help="with --pairs: tokens per example")
+    ap.add_argument("--tokenizer", default="gpt2", help="gpt2 (tiktoken) or a transformers name")
     args = ap.parse_args(argv)
     unit = args.block_size if args.pairs else 1             # paired examples are never cut
     if not (0 < args.val_fraction < 1 and args.workers > 0 and args.shard_tokens >= unit > 3 * (
             args.pairs is not None)):
         fail("want 0 < --val_fraction < 1, --workers > 0, --shard_tokens >= --block_size >= 4")
+    if (tok := get_tokenizer(args.tokenizer)).n_vocab > 2**16:
+        fail(f"{tok.name} has {tok.n_vocab:,} tokens: more than uint16 shards hold")
     if not (args.pairs or args.hf_dataset or args.input):
         args.input = [str(download_shakespeare(args.out_dir))]  # the quick start's text
     sources = [args.pairs] if args.pairs else [args.hf_dataset] if args.hf_dataset else args.input
@@ -218,27 +219,26 @@ def main(argv=None):
     total_bytes = sum(f.stat().st_size for path in args.input or [] for f in walk(Path(path)))
     pieces = (hf_texts(args.hf_dataset, args.hf_config, args.text_field, stats) if args.hf_dataset
               else (piece for path in args.input or [] for f in walk(Path(path)) for piece in (
-                  jsonl_texts(f, args.text_field, stats) if f.name.endswith(SUFFIXES[1:])
-                  else text_pieces(f, stats))))
-    parts = (tokenize(batches(pieces, stats, total_bytes), args.workers) if not args.pairs else
-             [np.concatenate([*pair_examples(args.pairs, args.block_size, stats)])])  # one part
+                  ((row[args.text_field], True) for row in jsonl_rows(f, [args.text_field], stats))
+                  if f.name.endswith(SUFFIXES[1:]) else text_pieces(f, stats))))
+    parts = (tokenize(batches(pieces, stats, total_bytes), args.workers, tok.name) if not args.pairs
+             else [np.uint16([*pair_examples(args.pairs, args.block_size, stats, tok)]).ravel()])
     name = args.name or Path(os.path.abspath(sources[0])).name.split(".")[0]
     (folder := Path(args.out_dir) / name).mkdir(parents=True, exist_ok=True)
     for old in [*folder.glob("*_train_*.bin"), *folder.glob("*_val_*.bin")]:
         old.unlink()                                        # an earlier run's shards
-    size = args.shard_tokens // unit * unit
+    size = args.shard_tokens // unit * unit                 # whole examples per shard
     train, val = write_shards(folder, name, parts, size, unit, args.val_fraction, stats)
     n_train, n_val = (sum(n for _, n in shards) for shards in (train, val))
     if min(n_train, n_val) < max(2, unit):
         for path, _ in train + val:
             os.remove(path)
-        fail(f"only {n_train + n_val} tokens: the split gives {n_train} train / {n_val} val, need "
-             "at least 2 tokens (or one pair) each; use more text or change --val_fraction" if
-             n_train else f"no non-blank {'/'.join(SUFFIXES)} text in {' '.join(sources)}")
-    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
-            "train_tokens": n_train, "val_tokens": n_val, "train_shards": len(train),
-            "sources": list(map(str, sources))}
-    if args.pairs:                                          # read by train.py
+        fail(f"{n_train} train / {n_val} val tokens, want 2 (or a pair) each: add text or change "
+             "--val_fraction" if n_train else f"no non-blank text in {' '.join(sources)}")
+    meta = {"tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot,
+            "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val,
+            "train_shards": len(train), "sources": list(map(str, sources))}
+    if args.pairs:
         meta.update(pairs=True, block_size=args.block_size, examples=stats["documents"],
                     **{k: stats[k] for k in ("truncated_sources", "truncated_targets")})
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

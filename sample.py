@@ -1,14 +1,11 @@
-"""
-Sample from a trained ELF model: the flow from noise to embeddings, then the decode-mode pass and an
-argmax (README: Sampling); fixed text (a prompt, blanks, a source) is held (README: Conditions).
+"""Sample from a trained ELF model: the flow from noise to embeddings, then the decode-mode pass
+and an argmax (README: Sampling); fixed text (prompt, blanks, source) is held (README: Conditions).
 
     python sample.py                                  # 4 samples from out/ckpt.pt (EMA weights)
     python sample.py --prompt "ROMEO:" --cfg_scale=2  # continue a prompt (or --prompt_file=FILE)
     python sample.py --infill "KING: [BLANK:12] my lord."     # fill the blanks between fixed text
     python sample.py --pairs val.jsonl --steps=64 --sampler=ode --scale=1 --cfg_scale=2
-    python sample.py --eval                           # + entropy and generative perplexity
-    python sample.py --trajectory                     # pictures of the flow: trajectory*.png
-"""
+    python sample.py --eval                           # + entropy and generative perplexity"""
 import argparse
 import json
 import math
@@ -21,8 +18,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import elf
-from elf import ELF, EOT, MODEL_SIZES, N_VOCAB, ELFConfig
-from prepare_data import decode_texts, get_encoder, read_jsonl  # GPT-2's BPE, both ways
+from elf import ELF, MODEL_SIZES, ELFConfig
+from prepare_data import get_tokenizer, jsonl_rows
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,35 @@ class SamplerConfig:
     cfg_scale: float = 1.0          # classifier-free guidance on the fixed text; 1: off
 
 # ----------------------------------------------------------------------------------------------
-# Generating: the loop (the math of each step is elf.py's), in batches
+# Generating: the time grid, the SDE/ODE step, the loop, the final argmax; in batches
+
+def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
+    """t_0 = 0 < ... < t_N = 1. 'uniform', or 'logit_normal': N - 1 sorted draws of the training-
+    time distribution between the endpoints (more steps where training put its effort)."""
+    if schedule == "uniform":
+        return torch.linspace(0, 1, steps + 1)
+    if schedule != "logit_normal":
+        raise ValueError(f"unknown schedule {schedule!r}: use 'logit_normal' or 'uniform'")
+    device = generator.device if generator is not None else None
+    noise = torch.randn(steps - 1, generator=generator, device=device).cpu()
+    inner = torch.sigmoid(cfg.t_mean + cfg.t_std * noise).sort().values
+    return torch.cat([torch.zeros(1), inner, torch.ones(1)])
+
+def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
+    """One step from t to t_next with churn gamma; gamma = 0 is the plain Euler ODE step. Churn
+    first moves back to t_b = alpha t by re-noising, then an Euler step goes from t_b to t_next.
+    denoise_fn(z, t_batch, x_sc) -> x_hat. Returns (z_next, x_hat), x_hat feeding the next x_sc."""
+    alpha = min(max(1.0 - gamma * (t_next - t), 0.0), 1.0)
+    t_b = alpha * t
+    z_b = alpha * z + (1 - alpha) * cfg.noise_scale * noise if alpha < 1 else z
+    t_batch = torch.full((z.size(0),), t_b, device=z.device)
+    x_hat = denoise_fn(z_b, t_batch, x_prev)
+    v_hat = elf.velocity(x_hat, z_b, t_batch, cfg.t_eps)
+    return z_b + (t_next - t_b) * v_hat, x_hat
+
+def argmax_tokens(logits, n_vocab=None):
+    """Final decode: the most likely token per position, ignoring the vocabulary's padding rows."""
+    return logits[..., :n_vocab].argmax(-1)
 
 @torch.no_grad()
 def generate(model, num_samples, length, settings=SamplerConfig(), generator=None, cond=None,
@@ -46,23 +71,25 @@ def generate(model, num_samples, length, settings=SamplerConfig(), generator=Non
     cfg, device = model.cfg, next(model.parameters()).device
     denoise_fn, decode_fn = denoise_fn or model.denoise, decode_fn or model.decode
     w = torch.full((num_samples,), float(settings.scale), device=device)
-    grid = elf.time_grid(settings.steps, settings.schedule, cfg, generator).tolist()  # no syncs
+    grid = time_grid(settings.steps, settings.schedule, cfg, generator).tolist()  # no syncs
     shape = (num_samples, length, cfg.embed_dim)
     z = cfg.noise_scale * torch.randn(shape, generator=generator, device=device)  # t = 0: noise
     x_prev = torch.zeros_like(z)                     # the self-conditioning input starts at zero
-    x_cond = None if cond is None else torch.where(cond[..., None], model.embed(cond_tokens), 0.0)
+    x_cond = None                                    # the clean embeddings of the fixed text
+    if cond is not None:
+        x_cond = torch.where(cond[..., None], model.embed(cond_tokens, cond), 0.0)
     denoise_w = lambda z_, t_, x_sc: denoise_fn(z_, t_, w, x_sc)  # noqa: E731
     step_fn = elf.conditioned(denoise_w, cond, x_cond, settings.cfg_scale)
     for i in range(settings.steps):       # SDE steps with churn, the last an ODE step onto t = 1
         gamma = settings.gamma if settings.sampler == "sde" and i < settings.steps - 1 else 0.0
         noise = torch.randn(shape, generator=generator, device=device) if gamma > 0 else None
-        z, x_hat = elf.sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], gamma, noise, cfg)
+        z, x_hat = sde_step(step_fn, z, x_prev, grid[i], grid[i + 1], gamma, noise, cfg)
         z = elf.hold_condition(z, cond, x_cond)      # conditions: restored after each step
         if cfg.self_cond_prob > 0:                   # trained without self-conditioning: x_sc = 0
             x_prev = x_hat.to(z.dtype)
         if on_step:
             on_step(grid[i + 1], z, x_hat)
-    tokens = elf.argmax_tokens(decode_fn(z, w, x_cond), N_VOCAB)  # the same network, decoding
+    tokens = argmax_tokens(decode_fn(z, w, x_cond), get_tokenizer(cfg.tokenizer).n_vocab)
     return tokens if cond is None else torch.where(cond, cond_tokens, tokens)
 
 def generate_all(model, rows, n, length, settings, batch_size, generator, passes):
@@ -85,7 +112,7 @@ def show(model, num_samples, settings, seed):
     """Print a few samples of the model's full length (train.py shows some at each evaluation)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     tokens = generate(model, num_samples, model.cfg.block_size, settings, gen)
-    for text in decode_texts(tokens.tolist()):
+    for text in decode_texts(model, tokens.tolist()):
         print("  | " + text.replace("\n", "\n  | "))
 
 def compiled_passes(model, compile_flag, device):
@@ -100,9 +127,10 @@ def compiled_passes(model, compile_flag, device):
 # ----------------------------------------------------------------------------------------------
 # Judging samples (README: Judging samples): entropy and generative perplexity; pairs' targets
 
-def cut_at_eot(row):
-    """A sample's tokens up to its first end-of-text token, which is kept (it is scored once)."""
-    return row[:row.index(EOT) + 1] if EOT in row else row
+def decode_texts(model, rows):
+    """Samples' ids -> strings by the model's tokenizer, each cut at its first end-of-text."""
+    tok = get_tokenizer(model.cfg.tokenizer)
+    return [tok.decode(row[:row.index(tok.eot)] if tok.eot in row else row) for row in rows]
 
 def unigram_entropy(tokens):
     """Entropy in nats of one sample's token frequencies; repetitive text scores low."""
@@ -110,7 +138,7 @@ def unigram_entropy(tokens):
     return float(-(p * p.log()).sum())
 
 @torch.no_grad()
-def pooled_nll(judge, samples, bos=EOT):
+def pooled_nll(judge, samples, bos=50256):   # BOS: GPT-2's end-of-text
     """(token NLL summed over the samples, tokens scored); each after a BOS, cut to the context."""
     device, n_ctx = next(judge.parameters()).device, judge.config.n_positions
     total, count = 0.0, 0
@@ -133,10 +161,11 @@ def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
     total, count = pooled_nll(judge, samples)
     return math.exp(total / max(count, 1))
 
-def judge_samples(token_rows, args, settings, seconds_per_sample, device):
-    """Print, and append to the results file, one JSON line: gen_ppl, entropy and the settings."""
-    samples = [cut_at_eot(row) for row in token_rows]
-    entropy = sum(unigram_entropy([t for t in s if t != EOT]) for s in samples) / len(samples)
+def judge_samples(texts, args, settings, seconds_per_sample, device):
+    """Print, and append to the results file, one JSON line: gen_ppl, entropy and the settings.
+    As in the paper, the texts are re-tokenized by GPT-2's BPE, whatever the model's tokenizer."""
+    samples = [get_tokenizer("gpt2").encode(text) for text in texts]
+    entropy = sum(unigram_entropy(s) for s in samples) / len(samples)
     gen_ppl = generative_perplexity(samples, args.judge, device)
     summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4),
                    n=len(samples), judge=args.judge, **asdict(settings),
@@ -145,9 +174,9 @@ def judge_samples(token_rows, args, settings, seconds_per_sample, device):
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")
 
-def score_pairs(pairs, rows, tokens):
+def score_pairs(pairs, rows, tokens, tok):
     """Exact match and token accuracy of the targets against the pairs' "target"s (if any)."""
-    scored = [(out[len(row):], get_encoder().encode_ordinary(pair["target"]) + [EOT])
+    scored = [(out[len(row):], tok.encode(pair["target"]) + [tok.eot])
               for pair, row, out in zip(pairs, rows, tokens) if isinstance(pair.get("target"), str)]
     right = [sum(a == b for a, b in zip(generated, ref)) for generated, ref in scored]
     exact = sum(r == len(ref) for r, (_, ref) in zip(right, scored)) / max(len(scored), 1)
@@ -156,34 +185,7 @@ def score_pairs(pairs, rows, tokens):
         print(f"exact match {exact:.1%}, token accuracy {accuracy:.1%} over {len(scored)} pairs")
 
 # ----------------------------------------------------------------------------------------------
-# The command line: load, templates, generate in batches, write, judge; or --trajectory, --bench
-
-def trajectory(model, length, settings, gen, out_dir, n_samples=2, n_rows=8, n_paths=6):
-    """What the flow does: x_hat decoded at a few steps, and z_t's paths in a 2-D PCA (pictures)."""
-    from matplotlib.figure import Figure  # files only, no display; imported when drawing
-    states = []                                      # (t, z, x_hat) after each step
-    tokens = generate(model, n_samples, length, settings, gen, on_step=lambda *s: states.append(s))
-    w = torch.full((n_samples,), settings.scale, device=gen.device)
-    picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
-    decoded = [elf.argmax_tokens(model.decode(states[i][2], w), N_VOCAB).tolist() for i in picks]
-    texts = [decode_texts(samples) for samples in decoded]   # [pick][sample]
-    lines = [(k, states[i][0], texts[j][k]) for k in range(n_samples) for j, i in enumerate(picks)]
-    ax = Figure(figsize=(12, 0.45 * len(lines) + 0.6)).subplots()
-    for y, (k, t, text) in enumerate(lines):
-        print(f"sample {k}, t = {t:.3f} | {text!r}")
-        ax.text(0, -y, f"{k}: t = {t:.2f}   {text[:105]!r}", family="monospace", size=8)
-    ax.set_axis_off()
-    ax.set(ylim=(0.3 - len(lines), 0.7), title="x_hat decoded along the flow: noise (top) to text")
-    ax.figure.savefig(os.path.join(out_dir, "trajectory.png"), dpi=90, bbox_inches="tight")
-    paths = torch.stack([z[0, :n_paths].float().cpu() for _, z, _ in states])  # (steps, pos., d)
-    xy = paths @ torch.linalg.eigh(torch.cov(paths.flatten(0, 1).T))[1][:, [-1, -2]]  # top-2 PCs
-    ax = Figure(figsize=(6, 5)).subplots()
-    for p, label in enumerate(decode_texts(tokens[0, :n_paths, None].tolist())):
-        ax.plot(xy[:, p, 0], xy[:, p, 1], marker=".", alpha=0.7)
-        ax.annotate(repr(label), xy[-1, p].tolist(), fontsize=9)
-    ax.set(title=f"z_t of {xy.size(1)} positions, t -> 1 (2-D PCA)", xticks=[], yticks=[])
-    ax.figure.savefig(os.path.join(out_dir, "trajectory_pca.png"), dpi=90, bbox_inches="tight")
-    print(f"wrote {out_dir}/trajectory.png and trajectory_pca.png")
+# The command line: load, templates, generate in batches, write, judge; or --bench
 
 def bench(model, length, settings, args, gen, passes):
     """One warm-up batch (compilation, CUDA graphs), then timed batches; prints one JSON line."""
@@ -217,20 +219,20 @@ def load(args, device):
     return model.to(device).eval(), length, ckpt.get("train_config", {})
 
 def read_rows(path, key):
-    """The rows of a JSON-lines file of objects with a string `key`, or a one-line error."""
-    return read_jsonl(path, key) or sys.exit(f'error: no samples in {path}: want {{"{key}": ...}}')
+    """The objects of a JSON-lines file, each with a string `key`, or a one-line error."""
+    rows = list(jsonl_rows(path, [key], {"bytes": 0}))
+    return rows or sys.exit(f'error: no samples in {path}: want JSON lines {{"{key}": ...}}')
 
-def templates(args, pairs, length):
+def templates(args, pairs, length, tok):
     """A row per sample: token ids where the text is fixed, None (and all past the row) generated:
     --pairs' sources + end-of-text, --prompt, or --infill "a [BLANK:n] b" (n Nones each)."""
-    enc = get_encoder()
     if pairs:
-        rows = [enc.encode_ordinary(pair["source"]) + [EOT] for pair in pairs]
+        rows = [tok.encode(pair["source"]) + [tok.eot] for pair in pairs]
     else:
         text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
         parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
         rows = [[t for i, part in enumerate(parts)
-                 for t in ([None] * int(part) if i % 2 else enc.encode_ordinary(part))]]
+                 for t in ([None] * int(part) if i % 2 else tok.encode(part))]]
     for row in rows:
         if len(row) > length or (len(row) == length and None not in row):
             sys.exit(f"error: the text takes {len(row)} of {length} tokens (--length): shorten it")
@@ -242,11 +244,10 @@ def condition_tensors(rows, length, device):
     ids = torch.tensor(padded, device=device)         # -1 marks the generated positions
     return ids >= 0, ids.clamp(min=0)
 
-def write_samples(tokens, rows, pairs, path):
+def write_samples(texts, pairs, path):
     """Print the samples and write them as JSON lines {"text"} (--pairs: + the pair's fields)."""
-    generated = [row[len(template):] for row, template in zip(tokens, rows)] if pairs else tokens
     with open(path, "w") as f:
-        for i, text in enumerate(decode_texts(generated)):
+        for i, text in enumerate(texts):
             print(f"--- sample {i} ---\n{text}")
             f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
 
@@ -281,7 +282,6 @@ def parse_args(argv):
     p.add_argument("--samples", help="with --eval: judge the texts of this JSON-lines file")
     p.add_argument("--judge", default="gpt2-large", help="causal LM (transformers) for gen. PPL")
     p.add_argument("--results", help="JSON lines the --eval summary is appended to")
-    p.add_argument("--trajectory", action="store_true", help="draw trajectory*.png")
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size", "length", "steps", "bench_batches"):   # counts
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -299,32 +299,32 @@ def main(argv=None):
     out_dir = os.path.dirname(args.samples or args.ckpt) or "."
     args.results = args.results or os.path.join(out_dir, "results.jsonl")
     if args.samples:                                 # judge texts made earlier: no model needed
-        tokens = [get_encoder().encode_ordinary(r["text"]) for r in read_rows(args.samples, "text")]
-        return judge_samples(tokens, args, settings_from({}, **given), None, device)
+        texts = [row["text"] for row in read_rows(args.samples, "text")]
+        return judge_samples(texts, args, settings_from({}, **given), None, device)
     model, length, train_config = load(args, device)
     settings = settings_from(train_config, **given)
     pairs = read_rows(args.pairs, "source") if args.pairs else None
     fixed = pairs or args.infill or args.prompt or args.prompt_file
-    rows = templates(args, pairs, length) if fixed else None
+    tok = get_tokenizer(model.cfg.tokenizer)
+    rows = templates(args, pairs, length, tok) if fixed else None
     n = len(rows) if pairs else args.num_samples
     gen = torch.Generator(device=device).manual_seed(args.seed)
     passes = compiled_passes(model, args.compile, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast, torch.no_grad():
-        if args.trajectory:
-            return trajectory(model, length, settings, gen, out_dir)
         if args.bench:
             return bench(model, length, settings, args, gen, passes)
         t0 = time.perf_counter()
         tokens = generate_all(model, rows, n, length, settings, args.batch_size, gen, passes)
         seconds = time.perf_counter() - t0
     out = args.out or os.path.join(out_dir, "samples.jsonl")
-    write_samples(tokens, rows, pairs, out)
+    texts = decode_texts(model, [row[len(t):] for row, t in zip(tokens, rows)] if pairs else tokens)
+    write_samples(texts, pairs, out)
     if pairs:
-        score_pairs(pairs, rows, tokens)
+        score_pairs(pairs, rows, tokens, tok)
     print(f"{n} samples in {seconds:.1f} s ({seconds / n:.3f} s per sample); written to {out}")
     if args.eval:
-        judge_samples(tokens, args, settings, round(seconds / n, 4), device)
+        judge_samples(texts, args, settings, round(seconds / n, 4), device)
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,8 @@
     python train.py                               # CPU quick start on data/tinyshakespeare
     python train.py --preset=elf-b-owt            # the paper's ELF-B recipe (one GPU)
     python train.py --max_iters=2000 --resume     # any TrainConfig or ELFConfig field; continue
-    python train.py --bench --model=elf-b         # random tokens: tokens/s and MFU as JSON
-"""
+    python train.py --bench --model=elf-b         # random tokens: tokens/s and MFU as JSON"""
 import copy
-import difflib
 import glob
 import inspect
 import json
@@ -25,7 +23,7 @@ import torch.distributed as dist
 
 import elf
 import sample
-from elf import ELF, EOT, MODEL_SIZES, ELFConfig
+from elf import ELF, MODEL_SIZES, ELFConfig
 from prepare_data import HEADER_BYTES, MAGIC, VERSION
 
 
@@ -34,7 +32,7 @@ class TrainConfig:
     # data and output
     dataset: str = "tinyshakespeare"  # data/<dataset>/*_train_*.bin, *_val_*.bin
     data_dir: str = "data"
-    out_dir: str = "out"
+    out_dir: str = "out"              # ckpt.pt, and log.jsonl: a JSON line per metric
     model: str = "elf-cpu"            # a size of elf.MODEL_SIZES; ELFConfig fields override it
     # batch: batch_size sequences per optimizer step, in grad_accum micro-batches
     batch_size: int = 32
@@ -70,8 +68,8 @@ class TrainConfig:
     sample_schedule: str = "logit_normal"  # time grid: 'logit_normal' or 'uniform'
 
 PRESETS = {
-    # The quick start: half its examples conditioned (prompts, blanks); where the paper's recipe
-    # measured worse at this size, not the paper's (README: Why the quick start is trained ...).
+    # The quick start: half its examples conditioned (prompts, blanks); no self-conditioning and
+    # a decaying rate, measured better at this size (README: Why the quick start is trained ...).
     "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0,
                 lr_schedule="cosine", min_lr=1e-4, sampler="ode", sample_schedule="uniform"),
     # ELF-B on OpenWebText (README: Data at scale): batch 512 x 1024 as 8 micro-batches of 64,
@@ -80,6 +78,8 @@ PRESETS = {
                       grad_accum=8, lr=2e-3, warmup_iters=9500, max_iters=95000,
                       ema_decay=0.9999, eval_interval=2000, eval_iters=20, log_interval=10),
 }
+# --embedding=t5 (README: Embeddings): the paper's values, over a size's (elf-cpu's are for d = 64)
+T5_SETTINGS = dict(latent_std=0.2, noise_scale=2.0, decoder_noise_scale=5.0)
 DEFAULTS = {**asdict(TrainConfig()), **asdict(ELFConfig())}
 
 class ConfigError(Exception):
@@ -91,18 +91,17 @@ BY_TYPE = {int: (lambda v: v > 0, "an integer > 0"), str: (bool, "non-empty"),
            bool: (lambda v: v in (True, False), "true or false")}
 CHOICES = dict(model=tuple(MODEL_SIZES), optimizer=("muon", "adamw"), prediction=("x", "v"),
                lr_schedule=("constant", "cosine"), dtype=("auto", "float32", "bfloat16"),
-               compile=("auto", "true", "false"), embedding=("gaussian", "learned"),
+               compile=("auto", "true", "false"), embedding=("gaussian", "learned", "t5"),
                sampler=("sde", "ode"), sample_schedule=("logit_normal", "uniform"))
 RULES = [
     ("warmup_iters bench_warmup", lambda v: v >= 0, "an integer >= 0"),
     ("seed embedding_seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)"),
-    ("vocab_size", lambda v: v >= elf.N_VOCAB, "at least GPT-2's 50257 tokens"),
+    ("vocab_size", lambda v: v >= 50257, "at least GPT-2's 50257 tokens"),
     ("lr grad_clip latent_std noise_scale t_eps", lambda v: 0 < v < math.inf, "finite and > 0"),
     ("t_mean decoder_lambda_mean", math.isfinite, "finite"),
     ("decoder_prob self_cond_prob cond_prefix_prob cond_span_prob cond_drop_prob ema_decay dropout",
      lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
-    ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v),
-     "auto, cpu, mps, cuda or cuda:N"),
+    ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, mps, cuda[:N]"),
     *((name, allowed.__contains__, "one of " + ", ".join(allowed))
       for name, allowed in CHOICES.items()),
 ]
@@ -123,8 +122,7 @@ def check(tc, mc):
          f"n_embd {mc.n_embd} is not {mc.n_head} heads of even size: --n_head can be {heads}"),
         (mc.cond_prefix_prob + mc.cond_span_prob > 1,
          "cond_prefix_prob + cond_span_prob must be at most 1: lower one of them"),
-        (mc.guidance_min > mc.guidance_max,
-         f"guidance_min {mc.guidance_min} must be <= guidance_max {mc.guidance_max}"),
+        (mc.guidance_min > mc.guidance_max, "guidance_min must be <= guidance_max"),
         (tc.lr_schedule == "cosine" and tc.min_lr > tc.lr, "min_lr must be <= lr to decay to it"),
     ]:
         if bad:
@@ -141,9 +139,7 @@ def parse_args(argv):
     settings = dict(PRESETS[preset])
     for key, text in overrides.items():
         if key not in DEFAULTS:
-            close = difflib.get_close_matches(key, [*DEFAULTS, "preset"], n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key --{key}{hint}")
+            raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
         kind = type(DEFAULTS[key])                              # a string as the default's type
         try:
             settings[key] = TRUTH[text.lower()] if kind is bool else kind(text)
@@ -151,7 +147,8 @@ def parse_args(argv):
             expected = "true or false" if kind is bool else kind.__name__
             raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
     tc = TrainConfig(**{k: settings[k] for k in asdict(TrainConfig()) if k in settings})
-    model = {**MODEL_SIZES.get(tc.model, {}), **settings}     # an unknown --model: check says so
+    t5 = T5_SETTINGS if settings.get("embedding") == "t5" else {}
+    model = {**MODEL_SIZES.get(tc.model, {}), **t5, **settings}  # an unknown --model: check says
     mc = ELFConfig(**{k: model[k] for k in asdict(ELFConfig()) if k in model})
     check(tc, mc)
     return tc, mc
@@ -173,11 +170,10 @@ def usage():
         text.append(textwrap.fill(" ".join(words), 100, subsequent_indent="    "))
     return "\n".join(line.rstrip() for line in text)
 
-# Data: windows of block_size tokens of memmapped shards (llm.c's format), or, for paired data
-# (prepare_data.py --pairs), whole examples: source, end-of-text, target, padding.
+# Data: block_size windows of memmapped llm.c shards; paired data (--pairs): whole examples.
 
 def open_shards(tc, mc, split):
-    """([(path, tokens)], paired): the *_{split}_*.bin shards, checked before training starts."""
+    """([(path, tokens)], meta): the *_{split}_*.bin shards, checked before training starts."""
     folder = os.path.join(tc.data_dir, tc.dataset)
     meta_path = os.path.join(folder, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}  # none: GPT-2 tokens
@@ -190,15 +186,14 @@ def open_shards(tc, mc, split):
         if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
             raise ConfigError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
         if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
-            raise ConfigError(f"{path}: truncated, shorter than its header's {head[2]:,} tokens; "
-                              "re-run prepare_data.py")
+            raise ConfigError(f"{path}: truncated (shorter than its header); rerun prepare_data.py")
         shards.append((path, int(head[2])))
     if not shards:
         raise ConfigError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
                           "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
     if max(n for _, n in shards) < mc.block_size + (not paired):
         raise ConfigError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
-    return shards, paired
+    return shards, meta
 
 def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     """Windows drawn uniformly among all shards' windows: shards in proportion to their sizes."""
@@ -210,10 +205,9 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     # A fresh memmap per batch keeps memory flat over long runs (memmaps cache the pages they read).
     data = {i: np.memmap(shards[i][0], np.uint16, "r", HEADER_BYTES) for i in set(which)}
     tokens = np.stack([data[i][s:s + block_size] for i, s in zip(which, starts)])
-    if tokens.max() >= vocab_size:
-        path = shards[which[tokens.max(1).argmax()]][0]
-        raise ConfigError(f"{path}: token id {tokens.max()} >= vocab_size {vocab_size}; "
-                          "re-run prepare_data.py")
+    if tokens.max() >= vocab_size:                   # damaged data, or another tokenizer's
+        raise ConfigError(f"{shards[which[tokens.max(1).argmax()]][0]}: token id {tokens.max()} "
+                          f">= vocab_size {vocab_size}; re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
 def keep_log_until(path, last_iter, say):
@@ -223,10 +217,9 @@ def keep_log_until(path, last_iter, say):
     for line in lines:
         try:
             row = json.loads(line)
-            if row["iter"] <= last_iter:
-                kept.append(row)
+            kept += [row] if row["iter"] <= last_iter else []
         except (ValueError, KeyError, TypeError):              # a torn or malformed line: dropped
-            continue
+            pass
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in kept)
     os.replace(path + ".tmp", path)                         # like checkpoints: whole or not at all
@@ -234,33 +227,12 @@ def keep_log_until(path, last_iter, say):
         say(f"{path}: kept {len(kept)} rows, dropped {dropped} torn or past iteration {last_iter}")
     return kept
 
-def plot_losses(rows, png_path):
-    from matplotlib.figure import Figure  # files only, no display or global state
-    ax = Figure(figsize=(7, 4)).subplots()
-    for key in ("loss", "mse", "ce", "val"):
-        points = [(r["iter"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=key, marker="o" if key == "val" else None)
-    ax.set(xlabel="iteration", yscale="log", title="ELF training")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax.figure.savefig(png_path + ".tmp.png", dpi=90, bbox_inches="tight")
-    os.replace(png_path + ".tmp.png", png_path)        # the old picture stays until the new is done
-
-def lr_at(it, tc):
-    if it < tc.warmup_iters:
-        return tc.lr * (it + 1) / tc.warmup_iters
-    if tc.lr_schedule == "cosine":
-        progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
-        return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
-    return tc.lr
-
 def init_distributed(tc):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs."""
     if "RANK" not in os.environ:
         have = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
-        name = next(d for d in have if have[d]) if tc.device == "auto" else tc.device
-        device = torch.device(name)
+        auto = next(d for d in have if have[d])
+        device = torch.device(auto if tc.device == "auto" else tc.device)
         if have[device.type] <= (device.index or 0):
             raise ConfigError(f"no device {tc.device} here: use --device=auto or --device=cpu")
         return 0, 1, device
@@ -274,7 +246,7 @@ def init_distributed(tc):
 class Trainer:
     """The model, its EMA, the optimizers; `step` runs this process's share of a step's batches."""
 
-    def __init__(self, tc, mc, device, rank=0, world=1):
+    def __init__(self, tc, mc, device, rank=0, world=1, meta=None):
         if tc.grad_accum % world:
             raise ConfigError(f"grad_accum {tc.grad_accum} must be a multiple of {world} processes")
         self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
@@ -293,14 +265,14 @@ class Trainer:
         # zero gradient (not a skipped update), the same on one process as on several.
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
-        self.iter, self.paired = 0, False                       # paired: prepare_data.py --pairs
+        self.iter, self.meta = 0, meta or {}                    # the data's meta.json
 
     def step(self, shards):
-        """One step on windows of shards (None: random tokens). The mean (loss, mse, ce) and the
-        gradient norm, as device tensors: nothing here waits for the GPU."""
+        """One step on shards (None: random tokens): (loss, mse, ce) and the gradient norm, as
+        device tensors; nothing here waits for the GPU."""
         tc = self.tc
         for group in [group for opt in self.optimizers for group in opt.param_groups]:
-            group["lr"] = lr_at(self.iter, tc)
+            group["lr"] = elf.lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
             index = self.rank * self.accum + k                  # of all the step's micro-batches
@@ -324,11 +296,12 @@ class Trainer:
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
         host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
         size, n = (self.micro, self.mc.block_size), self.mc.vocab_size
-        tokens = (get_batch(shards, *size, host_gen, n, self.paired) if shards else
-                  torch.randint(0, elf.N_VOCAB, size, generator=host_gen))      # --bench
+        paired = self.meta.get("pairs", False)                  # prepare_data.py --pairs
+        tokens = (get_batch(shards, *size, host_gen, n, paired) if shards else
+                  torch.randint(0, n, size, generator=host_gen))                # --bench
         tokens = elf.to_device(tokens, self.device)
-        eot = tokens == EOT                 # paired data's condition: up to the first end-of-text
-        cond = eot.cumsum(1) <= eot if self.paired else None
+        eot = tokens == self.meta.get("eot_token")  # paired: the condition ends at end-of-text
+        cond = eot.cumsum(1) <= eot if paired else None
         draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, cond)
         with self.autocast:
             return elf.elf_loss(model, tokens, draws)
@@ -356,7 +329,7 @@ class Trainer:
         except Exception as e:
             raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); "
                               "it is truncated or corrupt") from None
-        saved, wanted = ckpt["model_config"], asdict(self.mc)
+        saved, wanted = {**asdict(ELFConfig()), **ckpt["model_config"]}, asdict(self.mc)
         if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
             raise ConfigError("checkpoint model config differs in " + ", ".join(
                 f"{k} (checkpoint {saved.get(k)!r}, requested {wanted[k]!r})" for k in diff))
@@ -374,13 +347,14 @@ def main(argv=None):
     rank, world, device = init_distributed(tc)
     master = rank == 0 and not tc.bench  # rank 0 alone logs, evaluates and saves (--bench: none)
     log = print if master else (lambda *a, **k: None)
-    trainer = Trainer(tc, mc, device, rank, world)
     if tc.bench:            # the loop below on random tokens, timing the steps after bench_warmup
         tc = replace(tc, max_iters=tc.bench_warmup + tc.bench_steps, resume=False)
-        train_shards = val_shards = None
+        train_shards, val_shards, meta = None, None, {}
     else:
-        train_shards, trainer.paired = open_shards(tc, mc, "train")
+        train_shards, meta = open_shards(tc, mc, "train")
         val_shards, _ = open_shards(tc, mc, "val")
+    mc = elf.config_for_data(mc, meta.get("tokenizer", "gpt2"), meta.get("vocab_size", 50257))
+    trainer = Trainer(tc, mc, device, rank, world, meta)
     ckpt_path, log_path = os.path.join(tc.out_dir, "ckpt.pt"), os.path.join(tc.out_dir, "log.jsonl")
     if tc.resume:
         trainer.load(ckpt_path)
@@ -395,17 +369,17 @@ def main(argv=None):
     log(f"model {tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters on "
         f"{device}; global batch {tc.batch_size} = {trainer.micro} x {trainer.accum} accumulation "
         f"x {world} processes, of {mc.block_size} tokens")
-    # Every metric as a JSON line of out_dir/log.jsonl (drawn as loss.png); a new run, a new log.
     try:
         if master:
             os.makedirs(tc.out_dir, exist_ok=True)
-        rows = keep_log_until(log_path, trainer.iter, log) if tc.resume and master else []
+        if tc.resume and master:
+            keep_log_until(log_path, trainer.iter, log)
         log_file = open(log_path if master else os.devnull, "a" if tc.resume else "w", buffering=1)
     except OSError:
         raise ConfigError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
     stop = []                        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: stop.append(True)) for s in signals}
     peak, fpt, gpu = elf.peak_flops(device), elf.flops_per_token(mc), device.type == "cuda"
     t0, it0 = time.perf_counter(), trainer.iter
     try:
@@ -429,29 +403,27 @@ def main(argv=None):
             if logging:
                 tok_s = (it - it0) * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
                 mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
-                lr = lr_at(it - 1, tc)                  # the rate the step just taken used
+                lr = elf.lr_at(it - 1, tc)                  # the rate the step just taken used
                 log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) "
                     f"grad {grad:.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
-                rows.append(dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
-                print(json.dumps(rows[-1]), file=log_file)
+                row = dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s)
+                print(json.dumps(row), file=log_file)
                 t0, it0 = time.perf_counter(), it
             if tc.bench and gpu and it == tc.bench_warmup:
                 torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak
             if tc.bench and it == tc.max_iters:         # one JSON line: the timed steps' speed
                 memory = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if gpu else None
+                mfu = round(tok_s * fpt / (peak * world), 4) if peak else None
                 return print(json.dumps(dict(
-                    bench="train", model=tc.model, device=str(device), block_size=mc.block_size,
-                    batch=tc.batch_size, step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+                    bench="train", model=tc.model, block_size=mc.block_size, batch=tc.batch_size,
                     gpu=torch.cuda.get_device_name(device) if gpu else None, peak_mem_gb=memory,
-                    mfu=round(tok_s * fpt / (peak * world), 4) if peak else None,
-                    tokens_per_s=round(tok_s))))
+                    step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+                    tokens_per_s=round(tok_s), mfu=mfu)))
             if saving:
                 if master and not stopping:
                     val = trainer.evaluate(val_shards)
                     log(f"iter {it}: val {val:.4f}")
-                    rows.append(dict(iter=it, val=val))
-                    print(json.dumps(rows[-1]), file=log_file)
-                    plot_losses(rows, os.path.join(tc.out_dir, "loss.png"))
+                    print(json.dumps(dict(iter=it, val=val)), file=log_file)
                     with trainer.autocast:              # samples from the EMA weights
                         settings = sample.settings_from(asdict(tc))
                         sample.show(trainer.ema, tc.num_eval_samples, settings, tc.seed)
@@ -462,13 +434,6 @@ def main(argv=None):
                 log(f"interrupted: checkpoint of iteration {it} written to {ckpt_path}; "
                     "continue with the same command plus --resume")
                 break
-        if world > 1:                       # every rank must end with identical weights and EMA
-            sums = torch.stack([p.double().sum() for p in trainer.params + trainer.ema_params])
-            extremes = torch.stack([sums, -sums])           # max and -min, in one all_reduce
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            if not torch.equal(extremes[0], -extremes[1]):
-                raise ConfigError("ranks ended with different weights; please report this")
-            log(f"ranks in sync: {world} processes hold identical weights and EMA")
     finally:
         log_file.close()
         for s, h in previous.items():

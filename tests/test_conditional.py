@@ -14,7 +14,6 @@ import sample
 import train
 from elf import (
     ELF,
-    EOT,
     Draws,
     ELFConfig,
     conditioned,
@@ -54,6 +53,8 @@ def reverse_pairs(n, seed=0, longest=4):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
+
+EOT = 50256  # GPT-2's end-of-text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,11 +237,11 @@ def test_prepare_pairs_builds_fixed_length_examples(tmp_path, capsys):
     )
     meta = json.loads((tmp_path / "data" / "p" / "meta.json").read_text())
     assert len(train_rows) == 3 and len(val_rows) == 1 and meta["pairs"] and meta["block_size"] == 8
-    enc = prepare_data.get_encoder()
+    enc = prepare_data.get_tokenizer()
     red_cat, cat_red, sun = (
-        enc.encode_ordinary("red cat"),
-        enc.encode_ordinary("cat red"),
-        enc.encode_ordinary("sun"),
+        enc.encode("red cat"),
+        enc.encode("cat red"),
+        enc.encode("sun"),
     )
     assert (
         train_rows[0] == red_cat + [EOT] + cat_red + [EOT] * 3
@@ -323,12 +324,12 @@ def test_prompt_and_infill_keep_the_fixed_text(reverse_model, tmp_path):
     for prompt in (["--prompt", "red cat"], ["--prompt_file", str(tmp_path / "prompt.txt")]):
         sample.main(["--ckpt", ckpt, *prompt, "--num_samples=2", f"--out={out}"])
         assert all(json.loads(line)["text"].startswith("red cat") for line in open(out))
-    enc = prepare_data.get_encoder()
+    enc = prepare_data.get_tokenizer()
     args = sample.argparse.Namespace(
         pairs=None, infill="red [BLANK:2] sun", prompt=None, prompt_file=None, num_samples=1
     )
-    assert sample.templates(args, None, 10) == [
-        enc.encode_ordinary("red") + [None, None] + enc.encode_ordinary(" sun")
+    assert sample.templates(args, None, 10, enc) == [
+        enc.encode("red") + [None, None] + enc.encode(" sun")
     ]
     sample.main(
         ["--ckpt", ckpt, "--infill", "red [BLANK:2] sun", f"--out={out}", "--num_samples=1"]
@@ -363,7 +364,7 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
 
 def test_pairs_file_errors_are_clear(reverse_model, tmp_path):
     ckpt, _ = reverse_model
-    with pytest.raises(SystemExit, match="no samples in"):
+    with pytest.raises(SystemExit, match="x.jsonl, line 1: no string field source"):
         sample.main(
             [
                 "--ckpt",

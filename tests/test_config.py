@@ -11,7 +11,7 @@ import pytest
 
 import train
 from elf import MODEL_SIZES, ELFConfig
-from prepare_data import write_shard
+from helpers import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
@@ -53,7 +53,7 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--embedding=onehot"], r"--embedding must be one of gaussian, learned"),
     (["--prediction=eps"], r"--prediction must be one of x, v"),
     (["--model=elf-xxl"], r"--model must be one of elf-b, elf-m, elf-l, elf-cpu"),
-    (["--device=gpu"], r"--device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+    (["--device=gpu"], r"--device must be auto, cpu, mps, cuda\[:N\], got 'gpu'"),
     (["--out_dir="], r"--out_dir must be non-empty"),
     # how the samples at each evaluation (and sample.py's, by default) are drawn
     (["--sampler=euler"], r"--sampler must be one of sde, ode, got 'euler'"),
@@ -66,7 +66,7 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--n_head=64"], r"n_embd 192 is not 64 heads of even size"),       # head size 3: odd
     (["--n_embd=191", "--n_head=1"], r"--n_head can be none"),
     (["--cond_prefix_prob=0.6", "--cond_span_prob=0.5"], r"cond_prefix_prob \+ cond_span_prob"),
-    (["--guidance_min=6"], r"guidance_min 6.0 must be <= guidance_max 5.0"),
+    (["--guidance_min=6"], r"guidance_min must be <= guidance_max"),
     (["--lr_schedule=cosine", "--min_lr=0.1"], r"min_lr must be <= lr"),
 ])
 def test_each_kind_of_bad_value_is_a_one_line_error(args, message):
@@ -166,7 +166,7 @@ def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_di
     assert train_iters == [1, 2, 3, 4, 5, 6]
     assert [r["iter"] for r in rows if "val" in r] == [2, 4, 6]
     assert all(r["loss"] != 1.0 for r in rows if "loss" in r)       # the dead run's rows are gone
-    assert os.path.getsize(tmp_path / "loss.png") > 5000 and not os.path.exists(f"{log_path}.tmp")
+    assert not os.path.exists(f"{log_path}.tmp")
 
 
 def test_the_log_reader_alone(tmp_path):

@@ -1,5 +1,5 @@
 """The model and the math of elf.py: shapes, initialisation, the objective against hand computations
-and against a straightforward reference, and the sampler's time grid and steps."""
+and against a straightforward reference, and the sampler's time grid and steps (sample.py)."""
 
 import math
 
@@ -14,11 +14,10 @@ from elf import (
     configure_optimizers,
     draw_training_noise,
     elf_loss,
-    sde_step,
     sinusoidal,
-    time_grid,
     velocity,
 )
+from sample import sde_step, time_grid
 
 TINY = dict(
     vocab_size=128, block_size=8, n_layer=2, n_head=2, n_embd=32, embed_dim=16, bottleneck_dim=8
@@ -95,7 +94,7 @@ class LinearToyModel(torch.nn.Module):
     def __init__(self, cfg, table, a=0.5):
         super().__init__()
         self.cfg, self.table, self.a = cfg, table, a
-        self.embed = lambda tokens: table[tokens]
+        self.embed = lambda tokens, cond=None: table[tokens]
 
     def forward(self, z, t, w, x_sc, decode):
         return z + x_sc

@@ -3,11 +3,15 @@ perplexity, sample.py --eval."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sample
+from prepare_data import get_tokenizer
+
+EOT = 50256  # GPT-2's end-of-text, the judge's BOS
 
 
 def test_unigram_entropy_by_hand():
@@ -18,9 +22,18 @@ def test_unigram_entropy_by_hand():
     assert sample.unigram_entropy([5, 5, 5]) == 0.0 and sample.unigram_entropy([]) == 0.0
 
 
-def test_cut_at_eot_keeps_the_first_end_of_text_once():
-    assert sample.cut_at_eot([1, 2, sample.EOT, 3, sample.EOT]) == [1, 2, sample.EOT]
-    assert sample.cut_at_eot([1, 2]) == [1, 2]
+def test_samples_are_cut_at_end_of_text_and_judged_as_the_gpt2_tokens_of_their_text(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no judge: entropy only
+    model = SimpleNamespace(cfg=SimpleNamespace(tokenizer="gpt2"))
+    ids = get_tokenizer("gpt2").encode(" to be or not to be")
+    assert sample.decode_texts(model, [ids + [EOT] + ids, ids]) == [" to be or not to be"] * 2
+    args = SimpleNamespace(judge="surely-not-a-model", samples="s.jsonl",
+                           results=str(tmp_path / "results.jsonl"))
+    sample.judge_samples([" to be or not to be"], args, sample.SamplerConfig(), None, "cpu")
+    summary = json.loads((tmp_path / "results.jsonl").read_text())
+    assert summary["entropy"] == pytest.approx(sample.unigram_entropy(ids), abs=1e-4)
 
 
 def test_pooled_nll_by_hand():
@@ -30,11 +43,11 @@ def test_pooled_nll_by_hand():
         vocab_size=50257, n_positions=6, n_embd=16, n_layer=1, n_head=2
     )
     judge = transformers.GPT2LMHeadModel(config).eval()
-    samples = [[5, 6, sample.EOT], [9, 8, 7, 6, 5, 4, 3]]  # the second is longer than the context
+    samples = [[5, 6, EOT], [9, 8, 7, 6, 5, 4, 3]]  # the second is longer than the context
     total, count = sample.pooled_nll(judge, samples)
     expected, n = 0.0, 0
     for tokens in samples:
-        ids = ([sample.EOT] + tokens)[:6]  # BOS, then at most the context
+        ids = ([EOT] + tokens)[:6]  # BOS, then at most the context
         with torch.no_grad():
             logits = judge(torch.tensor([ids])).logits[0]
         for i in range(1, len(ids)):
@@ -60,5 +73,5 @@ def test_eval_without_judge_weights_reports_entropy(tmp_path, monkeypatch, capsy
 def test_eval_of_a_missing_or_empty_samples_file_is_a_clear_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     for path in (tmp_path / "missing.jsonl", tmp_path / "empty.jsonl"):
-        with pytest.raises(SystemExit, match="no samples in"):
+        with pytest.raises(SystemExit, match=f"^error: (no samples in )?{path}"):
             sample.main(["--eval", f"--samples={path}"])

@@ -11,6 +11,7 @@ import pytest
 import tiktoken
 
 import prepare_data
+from helpers import write_shard
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prepare_data.py"
 DOC1 = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
@@ -32,8 +33,7 @@ def run_error(capsys, argv):
     # every bad input must end in a clean SystemExit(1) with a one-line message
     with pytest.raises(SystemExit) as e:
         prepare_data.main(argv)
-    assert e.value.code == 1
-    err = capsys.readouterr().err
+    err = str(e.value.code) + "\n"               # sys.exit(message): printed, exit status 1
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "Traceback" not in err
     return err
@@ -84,10 +84,10 @@ def test_missing_path(tmp_path, capsys):
 def test_empty_inputs(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("  \n\n")
     err = run_error(capsys, ["--input", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path)])
-    assert "no non-blank .txt/.jsonl/.jsonl.gz text in" in err
+    assert "no non-blank text in" in err
     (tmp_path / "nodocs").mkdir()
     err = run_error(capsys, ["--input", str(tmp_path / "nodocs"), "--out_dir", str(tmp_path)])
-    assert f"no non-blank .txt/.jsonl/.jsonl.gz text in {tmp_path / 'nodocs'}" in err
+    assert f"no non-blank text in {tmp_path / 'nodocs'}" in err
 
 
 def test_invalid_utf8(tmp_path, capsys):
@@ -196,7 +196,7 @@ def test_json_lines_plain_and_gzipped(tmp_path, capsys):
     train, val, _ = load(tmp_path / "mix")
     assert np.concatenate([train, val]).tolist() == expected([DOC1, DOC2, DOC2])
     err = run_error(capsys, ["--input", str(tmp_path / "in"), "--out_dir", str(tmp_path)])
-    assert "b.jsonl.gz, line 1" in err and "--text_field" in err  # no "text" field in b.jsonl.gz
+    assert "b.jsonl.gz, line 1: no string field text" in err  # no "text" field in b.jsonl.gz
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     err = run_error(capsys, ["--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path)])
     assert "bad.jsonl, line 2" in err
@@ -239,9 +239,9 @@ def test_train_py_samples_all_shards_of_a_speedrun_folder_in_proportion(tmp_path
     import train
     folder = tmp_path / "fineweb10B"
     folder.mkdir()
-    prepare_data.write_shard(folder / "fineweb_val_000000.bin", np.arange(500))
-    prepare_data.write_shard(folder / "fineweb_train_000001.bin", np.arange(3000))
-    prepare_data.write_shard(folder / "fineweb_train_000002.bin", 40000 + np.arange(1000))
+    write_shard(folder / "fineweb_val_000000.bin", np.arange(500))
+    write_shard(folder / "fineweb_train_000001.bin", np.arange(3000))
+    write_shard(folder / "fineweb_train_000002.bin", 40000 + np.arange(1000))
     tc, mc = train.parse_args(["--preset=elf-b-owt", "--dataset=fineweb10B",
                                f"--data_dir={tmp_path}", "--block_size=16"])
     shards, paired = train.open_shards(tc, mc, "train")

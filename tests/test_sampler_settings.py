@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import sample
-from elf import ELF, EOT, ELFConfig
-from prepare_data import write_shard
+from elf import ELF, ELFConfig
+from helpers import write_shard
 from sample import SamplerConfig, settings_from
 from test_train_sample import TEXT_IDS, run_train
+
+EOT = 50256  # GPT-2's end-of-text
 
 TRAINED = dict(sample_steps=7, sampler="ode", sample_gamma=0.5, sample_scale=1.0,
                sample_schedule="uniform", lr=1e-3)
