@@ -113,13 +113,11 @@ def t5_embedding(name, tokens, cond=None):
     """The paper's default x: the frozen encoder's last hidden state of the whole sequence
     (contextual). As in the authors' code, condition positions attend only to each other, so the
     fixed text's x is the same in training (clean target beside it) and at sampling (unknown)."""
+    mask = None                                 # (B, 1, query, key): True where attention goes
+    if cond is not None:
+        mask = ((cond[:, :, None] & cond[:, None, :]) | ~cond[:, :, None])[:, None]
     encoder = frozen_encoder(name).to(tokens.device)
-    x = encoder(input_ids=tokens).last_hidden_state
-    if cond is not None:                        # rows without a condition: attend everywhere
-        alone = cond | ~cond.any(1, keepdim=True)
-        x_alone = encoder(input_ids=tokens, attention_mask=alone.long()).last_hidden_state
-        x = torch.where(cond[..., None], x_alone, x)
-    return x.float()
+    return encoder(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
 
 def config_for_data(cfg, tokenizer="gpt2", n_vocab=50257):
     """cfg for the ids of this tokenizer (the data's meta.json): its vocabulary padded to a multiple
