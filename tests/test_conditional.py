@@ -38,6 +38,7 @@ TINY_ARGS = [
     "--log_interval=50",
     "--self_cond_prob=0.5",  # the paper's recipe, not the cpu preset's
     "--lr_schedule=constant",
+    "--t_mean=-1.5",
 ]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun"]
 

@@ -1,6 +1,7 @@
 """train.py's configuration: every value checked where it is parsed (one line naming the fix),
 --help from the dataclasses' own comments, and a log.jsonl that survives a crash and --resume."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,9 +9,10 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+import torch
 
 import train
-from elf import MODEL_SIZES, ELFConfig
+from elf import MODEL_SIZES, ELFConfig, draw_training_noise
 from helpers import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +93,16 @@ def test_every_field_has_a_rule_and_the_shipped_settings_follow_them():
 ])
 def test_values_at_the_edges_are_accepted(args):
     train.parse_args(args)
+
+
+def test_the_quick_start_trains_on_noisier_times_and_the_paper_recipe_keeps_its_own():
+    _, quick = train.parse_args([])
+    _, paper = train.parse_args(["--preset=elf-b-owt"])
+    assert (quick.t_mean, paper.t_mean) == (-2.0, -1.5)
+    g = torch.Generator().manual_seed(0)
+    draws = draw_training_noise(quick, 4000, 2, g, g)
+    median = draws.t[:4000 - draws.n_decode].median().item()             # the denoise rows' times
+    assert median == pytest.approx(1 / (1 + math.exp(2.0)), abs=0.02)       # 0.12, not 0.18
 
 
 def test_a_device_that_is_not_there_is_a_clear_error():

@@ -22,8 +22,8 @@ TEXT_IDS = [2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808, 13, 198]
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--embed_dim=32", "--bottleneck_dim=32",
         "--block_size=14", "--batch_size=16", "--warmup_iters=20", "--eval_iters=1",
         "--sample_steps=4", "--num_eval_samples=1", "--log_interval=50",
-        # the paper's recipe, not the cpu preset's (no self-conditioning, cosine decay)
-        "--self_cond_prob=0.5", "--lr_schedule=constant"]
+        # the paper's recipe, not the cpu preset's (no self-conditioning, cosine decay, t_mean)
+        "--self_cond_prob=0.5", "--lr_schedule=constant", "--t_mean=-1.5"]
 
 
 @pytest.fixture
