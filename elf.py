@@ -73,7 +73,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.kind, self.latent_std, self.encoder = cfg.embedding, cfg.latent_std, cfg.encoder
+        self.kind, self.latent_std, self.encoder_name = cfg.embedding, cfg.latent_std, cfg.encoder
         if cfg.embedding == "gaussian":
             # Frozen N(0, 1) table, regenerated from the seed: a buffer that is not saved.
             g = torch.Generator().manual_seed(cfg.embedding_seed)
@@ -87,7 +87,7 @@ class TokenEmbedding(nn.Module):
     def forward(self, tokens, cond=None):
         """cond: (B, L) bool condition positions (README: Conditions), which t5 encodes alone."""
         if self.kind == "t5":
-            return t5_embedding(self.encoder, tokens, cond) / self.latent_std
+            return t5_embedding(self.encoder_name, tokens, cond) / self.latent_std
         x = self.table[tokens]
         if self.kind == "learned":
             # Unit-RMS rows: the loss could otherwise shrink all embeddings to zero (collapse).
@@ -119,9 +119,10 @@ def t5_embedding(name, tokens, cond=None):
     encoder = frozen_encoder(name).to(tokens.device)
     return encoder(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
 
-def config_for_data(cfg, tokenizer="gpt2", n_vocab=50257):
-    """cfg for the ids of this tokenizer (the data's meta.json): its vocabulary padded to a multiple
-    of 64 (fast matmuls); for --embedding=t5, the encoder's width, and ids it can read."""
+def config_for_data(cfg, meta):
+    """cfg for the data's token ids (its meta.json; none: GPT-2's): the vocabulary padded to a
+    multiple of 64 (fast matmuls); for --embedding=t5, the encoder's width, and ids it reads."""
+    tokenizer, n_vocab = meta.get("tokenizer", "gpt2"), meta.get("vocab_size", 50257)
     if tokenizer != "gpt2":
         cfg = replace(cfg, tokenizer=tokenizer, vocab_size=-(-n_vocab // 64) * 64)
     if cfg.embedding == "t5":

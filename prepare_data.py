@@ -30,7 +30,8 @@ def fail(msg):  # one clear line on stderr (exit status 1) instead of a tracebac
 
 def download_shakespeare(out_dir):
     path = Path(out_dir) / "tinyshakespeare.txt"
-    url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+           "input.txt")
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +116,7 @@ def text_pieces(path, stats):
     yield carry, True
 
 def jsonl_rows(path, keys, stats):
-    """The objects of a .jsonl or .jsonl.gz file, line by line (blank lines skipped), each with
-    these string fields: documents' text, pairs' source and target, samples' text."""
+    """The objects of a .jsonl or .jsonl.gz file, line by line, each with these string fields."""
     number, start = 0, stats["bytes"]
     try:
         with open(path, "rb") as raw, (gzip.open(raw) if str(path).endswith(".gz") else raw) as f:

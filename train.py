@@ -300,8 +300,8 @@ class Trainer:
         tokens = (get_batch(shards, *size, host_gen, n, paired) if shards else
                   torch.randint(0, n, size, generator=host_gen))                # --bench
         tokens = elf.to_device(tokens, self.device)
-        eot = tokens == self.meta.get("eot_token")  # paired: the condition ends at end-of-text
-        cond = eot.cumsum(1) <= eot if paired else None
+        eot = tokens == self.meta["eot_token"] if paired else None
+        cond = eot.cumsum(1) <= eot if paired else None     # pairs: the source, to end-of-text
         draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, cond)
         with self.autocast:
             return elf.elf_loss(model, tokens, draws)
@@ -353,7 +353,7 @@ def main(argv=None):
     else:
         train_shards, meta = open_shards(tc, mc, "train")
         val_shards, _ = open_shards(tc, mc, "val")
-    mc = elf.config_for_data(mc, meta.get("tokenizer", "gpt2"), meta.get("vocab_size", 50257))
+    mc = elf.config_for_data(mc, meta)
     trainer = Trainer(tc, mc, device, rank, world, meta)
     ckpt_path, log_path = os.path.join(tc.out_dir, "ckpt.pt"), os.path.join(tc.out_dir, "log.jsonl")
     if tc.resume:

@@ -18,6 +18,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules
 import elf  # noqa: E402
 import sample  # noqa: E402
+from prepare_data import get_tokenizer  # noqa: E402
 
 COLORS = dict(data="#dbe9f6", noise="#fde7c8", nograd="#eeeeee", net="#d9f0d3", loss="#f6d5d5",
               decode="#e7dcf3")
@@ -47,7 +48,7 @@ def trajectory(model, settings, seed, out_dir, n_samples=2, n_rows=8, n_paths=6)
     tokens = sample.generate(model, n_samples, model.cfg.block_size, settings, gen,
                              on_step=lambda *s: states.append(s))
     w = torch.full((n_samples,), settings.scale)
-    n_vocab = sample.get_tokenizer(model.cfg.tokenizer).n_vocab
+    n_vocab = get_tokenizer(model.cfg.tokenizer).n_vocab
     picks = sorted({round(i * (len(states) - 1) / (n_rows - 1)) for i in range(n_rows)})
     texts = [sample.decode_texts(model, sample.argmax_tokens(model.decode(states[i][2], w),
                                                           n_vocab).tolist()) for i in picks]

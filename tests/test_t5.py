@@ -174,4 +174,4 @@ def test_t5_settings_are_the_papers_unless_given():
 
 def test_x_is_as_wide_as_the_encoder(t5_dirs):
     cfg = ELFConfig(embedding="t5", encoder=t5_dirs[0], embed_dim=512)
-    assert elf.config_for_data(cfg, t5_dirs[1], 17).embed_dim == 16
+    assert elf.config_for_data(cfg, dict(tokenizer=t5_dirs[1], vocab_size=17)).embed_dim == 16
