@@ -70,7 +70,7 @@ class TrainConfig:
 PRESETS = {
     # The quick start: half its examples conditioned (prompts, blanks); no self-conditioning, noisy
     # times, a decaying rate: measured better at this size (README: Why the quick start is ...).
-    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0, t_mean=-2.0,
+    "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0, t_mean=-1.9,
                 lr_schedule="cosine", min_lr=1e-4, sampler="ode", sample_schedule="uniform"),
     # ELF-B on OpenWebText (README: Data at scale): batch 512 x 1024 as 8 micro-batches of 64,
     # Muon lr 2e-3, constant after a 0.5-epoch warm-up, 5 epochs (~95K steps), EMA 0.9999.
