@@ -178,6 +178,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)          # a new folder is fine, as for train.py
     training_step(os.path.join(args.out_dir, "training_step.png"))
     sampling(os.path.join(args.out_dir, "sampling.png"))
     if args.ckpt:
