@@ -162,13 +162,13 @@ def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
     return math.exp(total / max(count, 1))
 
 def judge_samples(texts, args, settings, seconds_per_sample, device):
-    """Print, and append to the results file, one JSON line: gen_ppl, entropy and the settings.
-    As in the paper, the texts are re-tokenized by GPT-2's BPE, whatever the model's tokenizer."""
+    """Print, and append to the results file, one JSON line: gen_ppl, entropy and the settings
+    (None: a file's texts). All texts are re-tokenized by GPT-2's BPE, as in the paper."""
     samples = [get_tokenizer("gpt2").encode(text) for text in texts]
     entropy = sum(unigram_entropy(s) for s in samples) / len(samples)
     gen_ppl = generative_perplexity(samples, args.judge, device)
     summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4),
-                   n=len(samples), judge=args.judge, **asdict(settings),
+                   n=len(samples), judge=args.judge, **(asdict(settings) if settings else {}),
                    s_per_sample=seconds_per_sample, source=args.samples or args.ckpt)
     print(json.dumps(summary))
     with open(args.results, "a") as f:
@@ -300,7 +300,7 @@ def main(argv=None):
     args.results = args.results or os.path.join(out_dir, "results.jsonl")
     if args.samples:                                 # judge texts made earlier: no model needed
         texts = [row["text"] for row in read_rows(args.samples, "text")]
-        return judge_samples(texts, args, settings_from({}, **given), None, device)
+        return judge_samples(texts, args, None, None, device)
     model, length, train_config = load(args, device)
     settings = settings_from(train_config, **given)
     pairs = read_rows(args.pairs, "source") if args.pairs else None

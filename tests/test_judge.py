@@ -68,6 +68,7 @@ def test_eval_without_judge_weights_reports_entropy(tmp_path, monkeypatch, capsy
     assert "no generative perplexity" in out and "Traceback" not in out
     summary = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert summary["gen_ppl"] is None and summary["n"] == 2 and summary["entropy"] > 0
+    assert "sampler" not in summary   # the file's sampler settings are unknown: none claimed
 
 
 def test_eval_of_a_missing_or_empty_samples_file_is_a_clear_error(tmp_path):
