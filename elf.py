@@ -152,7 +152,9 @@ def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):
     return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (first half, second half) of each head's channels; x is (B, H, T, head_dim)."""
+    """Rotate channel pairs (i, i + head_dim/2) of each head; x is (B, H, T, head_dim). The authors'
+    code pairs adjacent channels (2i, 2i+1): the same rotation up to a fixed reordering of each
+    head's q/k channels, which load_authors applies to their weights (README: The paper's ELF-B)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -163,7 +165,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=True)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)  # qk-norm keeps attention logits bounded
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)   # every block linear: a bias
         self.dropout = cfg.dropout
 
     def forward(self, h, cos, sin):
@@ -179,8 +181,8 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         inner = int(2 / 3 * 4 * cfg.n_embd)
-        self.gate_up = nn.Linear(cfg.n_embd, 2 * inner, bias=False)
-        self.down = nn.Linear(inner, cfg.n_embd, bias=False)
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * inner, bias=True)
+        self.down = nn.Linear(inner, cfg.n_embd, bias=True)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h):
@@ -218,7 +220,7 @@ class ELF(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))
         self.scale_mlp = nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_out = nn.RMSNorm(C, eps=1e-6)
+        self.norm_out = nn.RMSNorm(C, eps=1e-6)           # the x_hat head's own final norm
         self.x_head = nn.Linear(C, d)                     # denoise head: hidden -> x_hat
         self.decode_hidden = nn.Linear(C, d)              # decode head: hidden -> d -> vocab
         self.decode_out = nn.Linear(d, cfg.vocab_size)
@@ -240,7 +242,8 @@ class ELF(nn.Module):
         nn.init.zeros_(self.x_head.bias)
 
     def forward(self, z, t, w, x_sc, decode):
-        """z, x_sc: (B, L, d); t, w: (B,); decode: (B,) 1.0 for decode mode, 0.0 for denoise."""
+        """z, x_sc: (B, L, d); t, w: (B,); decode: (B,) 1.0 for decode mode, 0.0 for denoise.
+        Returns the last block's output at the text positions, before any final norm."""
         B, L, _ = z.shape
         h = self.bottleneck_up(self.bottleneck_down(self.in_proj(torch.cat([z, x_sc], dim=-1))))
         mode = self.mode_tokens[None] * decode.to(h.dtype)[:, None, None]
@@ -251,18 +254,20 @@ class ELF(nn.Module):
         cos, sin = rope_tables(self.n_prefix, L, head_dim, device=z.device)
         for block in self.blocks:
             h = block(h, cos, sin)
-        return self.norm_out(h[:, self.n_prefix:])
+        return h[:, self.n_prefix:]
 
     def predict_x(self, hidden, z, t):
-        """Denoise head: x_hat. For the v-prediction ablation the output is read as a velocity."""
-        out = self.x_head(hidden)
+        """Denoise head: RMSNorm -> Linear -> x_hat. For the v-prediction ablation the output is
+        read as a velocity."""
+        out = self.x_head(self.norm_out(hidden))
         if self.cfg.prediction == "v":
             return z + time_denominator(t, self.cfg.t_eps) * out
         return out
 
     def decode_logits(self, hidden):
-        """Decode head: GELU(Linear(hidden -> d)) -> Linear(d -> vocab)."""
-        return self.decode_out(F.gelu(self.decode_hidden(hidden)))
+        """Decode head, as the authors' code: GELU-tanh(Linear(hidden -> d)) -> Linear(d -> vocab),
+        on the last block's output itself (the final RMSNorm is the x_hat head's alone)."""
+        return self.decode_out(F.gelu(self.decode_hidden(hidden), approximate="tanh"))
 
     def denoise(self, z, t, w, x_sc):
         """x_hat = f(z_t, t, w, x_sc) in denoise mode: the call the sampler makes at every step."""
