@@ -547,3 +547,63 @@ def lr_at(it, tc):
         progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
         return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
     return tc.lr
+
+# ----------------------------------------------------------------------------------------------
+# The authors' released checkpoints (README: Sample from the paper's ELF-B): their format, read
+# into this file's ELF. What a checkpoint does not hold comes from their configs, by task name.
+
+AUTHORS_TASKS = {   # task (in the repo or folder name): fields, then sampler (paper's settings)
+    "owt": (dict(block_size=1024), dict(sampler="sde", sample_steps=32, sample_gamma=1.5)),
+    "xsum": (dict(block_size=1088, decoder_noise_scale=1.0),
+             dict(sampler="ode", sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),
+    "de-en": (dict(block_size=128, decoder_noise_scale=1.0),
+              dict(sampler="ode", sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),
+}
+AUTHORS_NAMES = [   # (part of their tensor name, ours); their blocks' norms and attention match
+    ("self_cond_proj.", "in_proj."), ("text_proj.proj1.", "bottleneck_down."),
+    ("text_proj.proj2.", "bottleneck_up."), ("t_embedder.mlp_", "time_mlp."),
+    ("self_cond_cfg_embedder.mlp_", "scale_mlp."), ("t_emb_tokens", "time_tokens"),
+    ("self_cond_cfg_tokens", "scale_tokens"), (".mlp.w12.", ".mlp.gate_up."),
+    (".mlp.w3.", ".mlp.down."), ("final_layer.norm_final.", "norm_out."),
+    ("final_layer.linear.", "x_head."), ("proj_kernel", "decode_hidden.weight"),
+    ("proj_bias", "decode_hidden.bias"), ("unembed_kernel", "decode_out.weight"),
+    ("unembed_bias", "decode_out.bias"),
+]
+
+def authors_config(params, name=""):
+    """(ELFConfig fields, sampler settings) of their state dict: sizes from the tensors' shapes,
+    the rest from their published configs for the task found in `name` (else OpenWebText)."""
+    width, head = params["t_emb_tokens"].shape[-1], params["blocks.0.attn.q_norm.weight"].numel()
+    fields = dict(n_layer=1 + max(int(k.split(".")[1]) for k in params if k.startswith("blocks.")),
+                  n_embd=width, n_head=width // head, embed_dim=params["proj_kernel"].shape[1],
+                  bottleneck_dim=params["text_proj.proj1.weight"].shape[0],
+                  vocab_size=params["unembed_bias"].numel(),
+                  n_mode_tokens=params["mode_tokens"].shape[1],
+                  n_time_tokens=params["t_emb_tokens"].shape[1],
+                  n_scale_tokens=params["self_cond_cfg_tokens"].shape[1],
+                  embedding="t5", latent_std=0.2, encoder="t5-small", tokenizer="t5-small")
+    task = next((k for k in AUTHORS_TASKS if k in name.lower()), "owt")
+    model_fields, sampler = AUTHORS_TASKS[task]
+    if task == "owt" and fields["n_layer"] > 12:             # ELF-M and ELF-L: 64 steps, gamma 1
+        sampler = dict(sampler, sample_steps=64, sample_gamma=1.0)
+    return {**fields, **model_fields}, dict(sampler, task=task)
+
+def from_authors(params, n_head):
+    """Their state dict in this file's names and layouts: decode kernels transposed, control
+    tokens (1, n, C) -> (n, C), and each head's q/k channels reordered from their rotary pairs
+    (2i, 2i+1) to ours (i, i + head_dim/2), which turns the same vectors."""
+    state = {}
+    for name, p in params.items():
+        ours = next((name.replace(a, b) for a, b in AUTHORS_NAMES if a in name), name)
+        p = p.t() if name.endswith("_kernel") else p[0] if name.endswith("tokens") else p
+        if ".attn.q_norm." in name or ".attn.k_norm." in name or ".attn.qkv." in name:
+            head = p.shape[0] // (3 * n_head) if ".qkv." in name else p.shape[0]
+            order = torch.cat([torch.arange(0, head, 2), torch.arange(1, head, 2)])
+            if ".qkv." in name:                              # rows: (q, k, v) x heads x head_dim
+                rows = p.reshape(3, n_head, head, -1).clone()
+                rows[:2] = rows[:2, :, order]
+                p = rows.reshape(p.shape)
+            else:
+                p = p[order]
+        state[ours] = p.contiguous()
+    return state

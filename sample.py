@@ -7,6 +7,7 @@ and an argmax (README: Sampling); fixed text (prompt, blanks, source) is held (R
     python sample.py --pairs val.jsonl --steps=64 --sampler=ode --scale=1 --cfg_scale=2
     python sample.py --eval                           # + entropy and generative perplexity"""
 import argparse
+import glob
 import json
 import math
 import os
@@ -104,7 +105,7 @@ def generate_all(model, rows, n, length, settings, batch_size, generator, passes
 def settings_from(train_config, **given):
     """Sampler settings: those given (not None), else the checkpoint's (train.py's sample_*)."""
     names = dict(steps="sample_steps", sampler="sampler", gamma="sample_gamma",
-                 scale="sample_scale", schedule="sample_schedule")
+                 scale="sample_scale", schedule="sample_schedule", cfg_scale="sample_cfg_scale")
     trained = {k: train_config[name] for k, name in names.items() if name in train_config}
     return replace(SamplerConfig(**trained), **{k: v for k, v in given.items() if v is not None})
 
@@ -200,23 +201,69 @@ def bench(model, length, settings, args, gen, passes):
                           batch=args.batch_size, s_per_batch=round(s, 4),
                           sequences_per_s=round(args.batch_size / s, 2))))
 
-def load(args, device):
-    """(model, sample length, train config) of a checkpoint (--bench without one: untrained)."""
-    if args.bench and not os.path.exists(args.ckpt):
-        model, ckpt = ELF(ELFConfig(**MODEL_SIZES[args.model])), {}
-    elif not os.path.exists(args.ckpt):
-        sys.exit(f"error: no checkpoint at {args.ckpt}: train one (python train.py) or pass --ckpt")
-    else:
+def checkpoint_file(source):
+    """The file --ckpt (or train.py's --init_from) names: a file; a folder's ckpt.pt or its latest
+    checkpoint_<step> (the authors' format); or a Hugging Face Hub repo id, downloaded first."""
+    path = source
+    if not os.path.exists(source):
+        if not re.fullmatch(r"[\w-]+/[\w.-]+", source) or source.endswith(".pt"):  # a Hub id?
+            sys.exit(f"error: no checkpoint at {source}: train one (python train.py) or pass one")
         try:
-            ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-            model = ELF(ELFConfig(**ckpt["model_config"]))
-            model.load_state_dict(ckpt[args.weights])
-        except Exception as e:
-            sys.exit(f"error: {args.ckpt} is not a compatible ELF checkpoint ({e!r:.120})")
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(source)
+        except ImportError:
+            sys.exit(f"error: {source} is not a local path; to download it from the Hugging Face "
+                     "Hub, pip install huggingface_hub")
+        except Exception as e:  # noqa: BLE001 (no such repo, offline, no access: all one line)
+            sys.exit(f"error: cannot download {source} from the Hugging Face Hub "
+                     f"({type(e).__name__}): check the name and the network, or pass a local copy")
+    if os.path.isdir(path):
+        found = glob.glob(os.path.join(glob.escape(path), "checkpoint_*"))
+        step = lambda f: int(re.search(r"(\d*)$", f).group(1) or -1)  # noqa: E731
+        found = [os.path.join(path, "ckpt.pt")] + sorted(found, key=step)
+        path = next((f for f in reversed(found) if os.path.isfile(f)), None)
+        if path is None:
+            sys.exit(f"error: no ckpt.pt or checkpoint_<step> file in {source}: pass the file")
+    return path
+
+def load_checkpoint(source, weights="ema", encoder=None):
+    """(model on the CPU, its train config) from this repo's checkpoint or the authors' (their
+    config: elf.authors_config; their EMA weights unless weights='model'). encoder: a T5 model's
+    encoder and tokenizer (a name or a local folder) instead of the checkpoint's."""
+    path = checkpoint_file(source)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(ckpt, dict):
+            raise TypeError(f"a {type(ckpt).__name__}, not a dict")
+        if "params" in ckpt:                                   # the authors' format
+            params = (weights == "ema" and ckpt.get("ema_params1")) or ckpt["params"]
+            fields, train_config = elf.authors_config(params, f"{source} {path}")
+            state = elf.from_authors(params, fields["n_head"])
+        else:
+            fields, train_config = ckpt["model_config"], ckpt.get("train_config", {})
+            state = ckpt[weights]
+        if encoder and fields.get("embedding") == "t5":
+            fields = {**fields, "encoder": encoder, "tokenizer": encoder}
+        model = ELF(ELFConfig(**fields))
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 (unreadable, foreign, or another architecture's)
+        sys.exit(f"error: {source} is not a compatible ELF checkpoint ({e!r:.120})")
+    return model, train_config
+
+def load(args, device):
+    """(model, sample length, train config) of --ckpt (--bench without one: untrained)."""
+    if args.bench and not os.path.exists(args.ckpt):
+        model, train_config = ELF(ELFConfig(**MODEL_SIZES[args.model])), {}
+    else:
+        model, train_config = load_checkpoint(args.ckpt, args.weights, args.encoder)
+    task = train_config.get("task", "owt")
+    if task != "owt" and not args.pairs and not args.bench:
+        sys.exit(f"error: {args.ckpt} is the authors' conditional {task} model: give it sources "
+                 "with --pairs (unconditional text: ELF-B-owt-torch)")
     length, block_size = args.length or model.cfg.block_size, model.cfg.block_size
     if length > block_size:
         sys.exit(f"error: --length {length} is outside 1..{block_size} (the model's block_size)")
-    return model.to(device).eval(), length, ckpt.get("train_config", {})
+    return model.to(device).eval(), length, train_config
 
 def read_rows(path, key):
     """The objects of a JSON-lines file, each with a string `key`, or a one-line error."""
@@ -255,8 +302,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")   # one line, no usage
-    p.add_argument("--ckpt", default="out/ckpt.pt")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="a file, a folder or a Hub repo id (the "
+                   "authors': embedded-language-flows/ELF-B-owt-torch)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--encoder", help="T5 models: encoder and tokenizer (name or folder) to use")
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
     p.add_argument("--length", type=int, help="tokens per sample (default: block_size)")
@@ -265,7 +314,7 @@ def parse_args(argv):
     p.add_argument("--gamma", type=float, help="SDE churn (paper: 1.5)")
     p.add_argument("--scale", type=float, help="self-conditioning guidance w (paper: 3)")
     p.add_argument("--schedule", choices=["logit_normal", "uniform"], help="paper: logit_normal")
-    p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance")
+    p.add_argument("--cfg_scale", type=float, help="classifier-free guidance (default 1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON lines output (default: next to the checkpoint)")
     p.add_argument("--device", default="auto", help="'auto' picks cuda, then mps, then cpu")

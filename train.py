@@ -5,6 +5,7 @@
     python train.py --max_iters=2000 --resume     # any TrainConfig or ELFConfig field; continue
     python train.py --bench --model=elf-b         # random tokens: tokens/s and MFU as JSON"""
 import copy
+import functools
 import glob
 import inspect
 import json
@@ -34,6 +35,7 @@ class TrainConfig:
     data_dir: str = "data"
     out_dir: str = "out"              # ckpt.pt, and log.jsonl: a JSON line per metric
     model: str = "elf-cpu"            # a size of elf.MODEL_SIZES; ELFConfig fields override it
+    init_from: str = ""               # fine-tune the authors' weights: a file, folder or Hub id
     # batch: batch_size sequences per optimizer step, in grad_accum micro-batches
     batch_size: int = 32
     grad_accum: int = 1
@@ -101,6 +103,7 @@ RULES = [
     ("t_mean decoder_lambda_mean", math.isfinite, "finite"),
     ("decoder_prob self_cond_prob cond_prefix_prob cond_span_prob cond_drop_prob ema_decay dropout",
      lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    ("init_from", lambda v: True, "a checkpoint of the authors' or a Hub repo id"),
     ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, mps, cuda[:N]"),
     *((name, allowed.__contains__, "one of " + ", ".join(allowed))
       for name, allowed in CHOICES.items()),
@@ -112,7 +115,7 @@ TRUTH = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": Fa
 def check(tc, mc):
     for name, value in {**asdict(tc), **asdict(mc)}.items():
         test, what = RULE_OF[name]
-        if not test(value):
+        if not test(value) and not (name == "vocab_size" and mc.tokenizer != "gpt2"):
             raise ConfigError(f"--{name} must be {what}, got {value!r}")
     heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none"
     for bad, message in [
@@ -133,25 +136,44 @@ def parse_args(argv):
     if bad := [arg for arg in argv if not arg.startswith("--")]:
         raise ConfigError(f"unexpected argument {bad[0]!r}: use --key=value")
     overrides = dict(arg[2:].partition("=")[::2] for arg in argv)   # {key: value}
-    preset = overrides.pop("preset", "cpu")
-    if preset not in PRESETS:
+    preset = overrides.pop("preset", None if "init_from" in overrides else "cpu")
+    if preset not in (None, *PRESETS):
         raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    settings = dict(PRESETS[preset])
+    given = {}
     for key, text in overrides.items():
         if key not in DEFAULTS:
             raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
         kind = type(DEFAULTS[key])                              # a string as the default's type
         try:
-            settings[key] = TRUTH[text.lower()] if kind is bool else kind(text)
+            given[key] = TRUTH[text.lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
             expected = "true or false" if kind is bool else kind.__name__
             raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
+    settings = dict(PRESETS.get(preset, {}))
+    if given.get("init_from"):    # the pretrained model's config and sampler, not a preset's
+        model, sampler = pretrained(given["init_from"])
+        fields = asdict(model.cfg)
+        if clash := [k for k in ARCHITECTURE if k in given and given[k] != fields[k]]:
+            raise ConfigError(f"--{clash[0]}={given[clash[0]]} does not fit --init_from's weights "
+                              f"({clash[0]}={fields[clash[0]]}): drop it")
+        settings |= fields | sampler
+    settings |= given
     tc = TrainConfig(**{k: settings[k] for k in asdict(TrainConfig()) if k in settings})
     t5 = T5_SETTINGS if settings.get("embedding") == "t5" else {}
     model = {**MODEL_SIZES.get(tc.model, {}), **t5, **settings}  # an unknown --model: check says
     mc = ELFConfig(**{k: model[k] for k in asdict(ELFConfig()) if k in model})
     check(tc, mc)
     return tc, mc
+
+# What --init_from's weights fix: the rest (block_size, noise scales, ...) may be changed.
+ARCHITECTURE = ("n_layer n_head n_embd embed_dim bottleneck_dim vocab_size n_mode_tokens "
+                "n_time_tokens n_scale_tokens embedding").split()
+
+@functools.cache
+def pretrained(source):
+    """(model, sampler settings) of the authors' checkpoint (README: Sample from the paper's ELF-B),
+    read once: its EMA weights, the ones they sample with."""
+    return sample.load_checkpoint(source)
 
 def usage():
     """--help: each field, its default and the comment beside it in the source; then the presets."""
@@ -253,7 +275,10 @@ class Trainer:
         self.accum = tc.grad_accum // world                     # micro-batches per process
         self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
         torch.manual_seed(tc.seed)                              # the same weights on every rank
-        self.model = ELF(mc).to(device)
+        self.model = ELF(mc)
+        if tc.init_from:                                        # fine-tuning (README: ...)
+            self.model.load_state_dict(pretrained(tc.init_from)[0].state_dict())
+        self.model.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizers = elf.configure_optimizers(self.model, tc.optimizer, tc.lr, tc.weight_decay)
         use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
@@ -366,9 +391,9 @@ def main(argv=None):
         log(f"note: {ckpt_path} will be replaced by this new run's (--resume continues it instead)")
     changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != DEFAULTS[k]]
     log(textwrap.fill("config (what differs from --help's defaults): " + " ".join(changed), 100))
-    log(f"model {tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters on "
-        f"{device}; global batch {tc.batch_size} = {trainer.micro} x {trainer.accum} accumulation "
-        f"x {world} processes, of {mc.block_size} tokens")
+    log(f"model {tc.init_from or tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M "
+        f"parameters on {device}; global batch {tc.batch_size} = {trainer.micro} x "
+        f"{trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
     try:
         if master:
             os.makedirs(tc.out_dir, exist_ok=True)
