@@ -104,8 +104,7 @@ def generate_all(model, rows, n, length, settings, batch_size, generator, passes
 
 def settings_from(train_config, **given):
     """Sampler settings: those given (not None), else the checkpoint's (train.py's sample_*)."""
-    names = dict(steps="sample_steps", sampler="sampler", gamma="sample_gamma",
-                 scale="sample_scale", schedule="sample_schedule", cfg_scale="sample_cfg_scale")
+    names = {k: k if k == "sampler" else "sample_" + k for k in asdict(SamplerConfig())}
     trained = {k: train_config[name] for k, name in names.items() if name in train_config}
     return replace(SamplerConfig(**trained), **{k: v for k, v in given.items() if v is not None})
 
@@ -201,12 +200,14 @@ def bench(model, length, settings, args, gen, passes):
                           batch=args.batch_size, s_per_batch=round(s, 4),
                           sequences_per_s=round(args.batch_size / s, 2))))
 
+HUB_ID = re.compile(r"[\w-]+/[\w.-]+(?<!\.pt)")   # owner/name, as on the Hugging Face Hub
+
 def checkpoint_file(source):
     """The file --ckpt (or train.py's --init_from) names: a file; a folder's ckpt.pt or its latest
     checkpoint_<step> (the authors' format); or a Hugging Face Hub repo id, downloaded first."""
     path = source
     if not os.path.exists(source):
-        if not re.fullmatch(r"[\w-]+/[\w.-]+", source) or source.endswith(".pt"):  # a Hub id?
+        if not HUB_ID.fullmatch(source):
             sys.exit(f"error: no checkpoint at {source}: train one (python train.py) or pass one")
         try:
             from huggingface_hub import snapshot_download
@@ -252,7 +253,7 @@ def load_checkpoint(source, weights="ema", encoder=None):
 
 def load(args, device):
     """(model, sample length, train config) of --ckpt (--bench without one: untrained)."""
-    if args.bench and not os.path.exists(args.ckpt):
+    if args.bench and not os.path.exists(args.ckpt) and not HUB_ID.fullmatch(args.ckpt):
         model, train_config = ELF(ELFConfig(**MODEL_SIZES[args.model])), {}
     else:
         model, train_config = load_checkpoint(args.ckpt, args.weights, args.encoder)

@@ -1,8 +1,10 @@
 """Draw the README's pictures: the two diagrams (a training step, sampling), and, from a trained
 model, the loss curve (its log.jsonl) and what the flow does on its way from noise to text.
 
-    python assets/pictures.py                          # training_step.png, sampling.png
+    python assets/pictures.py                          # out/training_step.png, out/sampling.png
     python assets/pictures.py --ckpt out/ckpt.pt       # + loss.png, trajectory*.png
+    python assets/pictures.py --ckpt embedded-language-flows/ELF-B-owt-torch --length=64
+    python assets/pictures.py --out_dir=assets         # the README's own pictures, replaced
 """
 import argparse
 import json
@@ -16,7 +18,6 @@ from matplotlib.figure import Figure  # files only: no display, no global state
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules
-import elf  # noqa: E402
 import sample  # noqa: E402
 from prepare_data import get_tokenizer  # noqa: E402
 
@@ -40,12 +41,12 @@ def loss_curve(log_path, png_path):
     ax.figure.savefig(png_path, dpi=90, bbox_inches="tight")
 
 @torch.no_grad()
-def trajectory(model, settings, seed, out_dir, n_samples=2, n_rows=8, n_paths=6):
+def trajectory(model, settings, seed, out_dir, length=None, n_samples=2, n_rows=8, n_paths=6):
     """What the flow does: x_hat decoded at a few steps, and z_t's paths in a 2-D PCA. Returns the
     printed lines, "sample k, t = ... | text"."""
     gen = torch.Generator().manual_seed(seed)
     states = []                                      # (t, z, x_hat) after each step
-    tokens = sample.generate(model, n_samples, model.cfg.block_size, settings, gen,
+    tokens = sample.generate(model, n_samples, length or model.cfg.block_size, settings, gen,
                              on_step=lambda *s: states.append(s))
     w = torch.full((n_samples,), settings.scale)
     n_vocab = get_tokenizer(model.cfg.tokenizer).n_vocab
@@ -173,10 +174,11 @@ def sampling(png_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a checkpoint: its log.jsonl and its flow are drawn too")
+    p.add_argument("--ckpt", help="a checkpoint (as sample.py's --ckpt): its log and its flow")
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--length", type=int, help="tokens per sample (default: block_size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--out_dir", default="out", help="assets: replace the README's pictures")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)          # a new folder is fine, as for train.py
     training_step(os.path.join(args.out_dir, "training_step.png"))
@@ -185,11 +187,10 @@ def main(argv=None):
         log_path = os.path.join(os.path.dirname(args.ckpt), "log.jsonl")
         if os.path.exists(log_path):
             loss_curve(log_path, os.path.join(args.out_dir, "loss.png"))
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        model = elf.ELF(elf.ELFConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["ema"])
-        settings = sample.settings_from(ckpt["train_config"], steps=args.steps)
-        print("\n".join(trajectory(model.eval(), settings, args.seed, args.out_dir)))
+        model, train_config = sample.load_checkpoint(args.ckpt)   # also the authors' (README)
+        settings = sample.settings_from(train_config, steps=args.steps)
+        lines = trajectory(model.eval(), settings, args.seed, args.out_dir, args.length)
+        print("\n".join(lines))
     print(f"wrote the pictures to {args.out_dir}")
 
 if __name__ == "__main__":
