@@ -84,10 +84,11 @@ class TokenEmbedding(nn.Module):
         elif cfg.embedding != "t5":
             raise ValueError(f"unknown embedding {cfg.embedding!r}: use gaussian, learned or t5")
 
-    def forward(self, tokens, cond=None):
-        """cond: (B, L) bool condition positions (README: Conditions), which t5 encodes alone."""
+    def forward(self, tokens, cond=None, valid=None, drop=None):
+        """cond: (B, L) bool condition positions (README: Conditions); valid: (B, L) bool, False on
+        padding; drop: (B,) bool, examples whose condition is dropped. Only t5 reads them."""
         if self.kind == "t5":
-            return t5_embedding(self.encoder_name, tokens, cond) / self.latent_std
+            return t5_embedding(self.encoder_name, tokens, cond, valid, drop) / self.latent_std
         x = self.table[tokens]
         if self.kind == "learned":
             # Unit-RMS rows: the loss could otherwise shrink all embeddings to zero (collapse).
@@ -109,13 +110,17 @@ def frozen_encoder(name):
 
 @torch.compiler.disable         # the encoder runs as it is: torch.compile traces the rest only
 @torch.no_grad()
-def t5_embedding(name, tokens, cond=None):
+def t5_embedding(name, tokens, cond=None, valid=None, drop=None):
     """The paper's default x: the frozen encoder's last hidden state of the whole sequence
     (contextual). As in the authors' code, condition positions attend only to each other, so the
-    fixed text's x is the same in training (clean target beside it) and at sampling (unknown)."""
+    fixed text's x is the same in training (clean target beside it) and at sampling (unknown);
+    the others attend to all but padding, and to no condition that CFG dropped."""
     mask = None                                 # (B, 1, query, key): True where attention goes
-    if cond is not None:
-        mask = ((cond[:, :, None] & cond[:, None, :]) | ~cond[:, :, None])[:, None]
+    if cond is not None or valid is not None:
+        cond = torch.zeros_like(tokens, dtype=torch.bool) if cond is None else cond
+        keys = torch.ones_like(cond) if valid is None else valid   # what the others may see
+        keys = keys if drop is None else keys & ~(cond & drop[:, None])
+        mask = ((cond[:, :, None] & cond[:, None]) | (~cond[:, :, None] & keys[:, None]))[:, None]
     encoder = frozen_encoder(name).to(tokens.device)
     return encoder(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
 
@@ -274,12 +279,11 @@ class ELF(nn.Module):
         hidden = self(z, t, w, x_sc, torch.zeros_like(t))
         return self.predict_x(hidden, z, t)
 
-    def decode(self, z, w, x_sc=None):
-        """Final pass (README: Sampling): decode mode at t = 1, self-conditioning input zero (but
-        the clean condition at condition positions) -> logits (B, L, vocab)."""
+    def decode(self, z, w):
+        """Final pass (README: Sampling): decode mode at t = 1, self-conditioning input zero (at
+        condition positions too, as in the decode rows of training) -> logits (B, L, vocab)."""
         t = torch.ones(z.size(0), device=z.device)
-        x_sc = torch.zeros_like(z) if x_sc is None else x_sc
-        return self.decode_logits(self(z, t, w, x_sc, torch.ones_like(t)))
+        return self.decode_logits(self(z, t, w, torch.zeros_like(z), torch.ones_like(t)))
 
 # ----------------------------------------------------------------------------------------------
 # The flow (README: The flow): noise at t = 0, data at t = 1, and the velocity between them.
@@ -337,11 +341,12 @@ class Draws:
     lam: torch.Tensor    # (B, L) clean fraction of the decode corruption
     cond: torch.Tensor = None   # (B, L) bool: clean condition positions; None: unconditional
     drop: torch.Tensor = None   # (B,) bool: the examples whose condition is dropped (for CFG)
+    valid: torch.Tensor = None  # (B, L) bool: False on padding, which the T5 encoder ignores
 
 def draw_training_noise(cfg, batch, length, generator=None, device_generator=None, device=None,
-                        cond=None):
+                        cond=None, valid=None):
     """The roles, times and scales of one step, drawn on the host (the block sizes must be known
-    there), and the noise on the device. cond: paired data's conditions; None: drawn (mixture)."""
+    there), and the noise on the device. cond, valid: paired data's; cond None: drawn (mixture)."""
     n_decode = int((torch.rand(batch, generator=generator) < cfg.decoder_prob).sum())
     coins = torch.rand(batch - n_decode, generator=generator)
     n_self_cond = int((coins < cfg.self_cond_prob).sum())
@@ -357,7 +362,7 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     if cond is not None:
         drop = to_device(torch.rand(batch, generator=generator) < cfg.cond_drop_prob, device)
     t, w = to_device(t, device), to_device(w, device)
-    return Draws(n_self_cond, n_decode, t, w, eps, lam, cond, drop)
+    return Draws(n_self_cond, n_decode, t, w, eps, lam, cond, drop, valid)
 
 def to_device(tensor, device):
     """Host -> device copy that does not wait for the GPU: from pinned memory a CUDA copy is async,
@@ -419,10 +424,13 @@ def apply_conditions(x, z, draws):
     return hold_condition(z, cond, x_cond), x_cond, (~cond).float()
 
 def self_condition(model, z, x_cond, decode, draws):
-    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows [0, n_self_cond), and
-    x_cond (zero but for conditions) on the others. Efficiency: the no-grad pass runs on those rows
-    only. Returns (x_sc, x_no_sc), x_no_sc being that pass's prediction (None without it)."""
+    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows [0, n_self_cond), zero
+    on the decode rows (as in the authors' code, conditions too), x_cond (zero but for conditions)
+    on the others. Efficiency: the no-grad pass runs on the self-conditioned rows only. Returns
+    (x_sc, x_no_sc), x_no_sc being that pass's prediction (None without it)."""
     n_sc, d = draws.n_self_cond, draws
+    n_den = z.size(0) - d.n_decode
+    x_cond = torch.cat([x_cond[:n_den], torch.zeros_like(x_cond[n_den:])])  # decode rows: zero
     if n_sc == 0:
         return x_cond, None
     with torch.no_grad():
@@ -464,7 +472,7 @@ def elf_loss(model, tokens, draws):
     mse and ce are the means over their own tokens. Cost: one no-grad forward on the self-
     conditioned rows only, then one forward+backward."""
     d, n_den = draws, tokens.size(0) - draws.n_decode
-    x = model.embed(tokens, d.cond)
+    x = model.embed(tokens, d.cond, d.valid, d.drop)
     z, decode = model_inputs(model, x, d)                           # line 1
     z, x_cond, in_loss = apply_conditions(x, z, d)                  # conditions only
     x_sc, x_no_sc = self_condition(model, z, x_cond, decode, d)     # line 2

@@ -90,7 +90,7 @@ def generate(model, num_samples, length, settings=SamplerConfig(), generator=Non
             x_prev = x_hat.to(z.dtype)
         if on_step:
             on_step(grid[i + 1], z, x_hat)
-    tokens = argmax_tokens(decode_fn(z, w, x_cond), get_tokenizer(cfg.tokenizer).n_vocab)
+    tokens = argmax_tokens(decode_fn(z, w), get_tokenizer(cfg.tokenizer).n_vocab)
     return tokens if cond is None else torch.where(cond, cond_tokens, tokens)
 
 def generate_all(model, rows, n, length, settings, batch_size, generator, passes):

@@ -94,7 +94,7 @@ class LinearToyModel(torch.nn.Module):
     def __init__(self, cfg, table, a=0.5):
         super().__init__()
         self.cfg, self.table, self.a = cfg, table, a
-        self.embed = lambda tokens, cond=None: table[tokens]
+        self.embed = lambda tokens, *conditions: table[tokens]
 
     def forward(self, z, t, w, x_sc, decode):
         return z + x_sc
