@@ -128,7 +128,7 @@ def config_for_data(cfg, meta):
     """cfg for the data's token ids (its meta.json; none: GPT-2's): the vocabulary padded to a
     multiple of 64 (fast matmuls); for --embedding=t5, the encoder's width, and ids it reads."""
     tokenizer, n_vocab = meta.get("tokenizer", "gpt2"), meta.get("vocab_size", 50257)
-    if tokenizer != "gpt2":
+    if tokenizer != cfg.tokenizer:                # (the same: --init_from's vocabulary is kept)
         cfg = replace(cfg, tokenizer=tokenizer, vocab_size=-(-n_vocab // 64) * 64)
     if cfg.embedding == "t5":
         t5 = frozen_encoder(cfg.encoder).config
@@ -562,10 +562,10 @@ def lr_at(it, tc):
 
 AUTHORS_TASKS = {   # task (in the repo or folder name): fields, then sampler (paper's settings)
     "owt": (dict(block_size=1024), dict(sampler="sde", sample_steps=32, sample_gamma=1.5)),
-    "xsum": (dict(block_size=1088, decoder_noise_scale=1.0),
-             dict(sampler="ode", sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),
-    "de-en": (dict(block_size=128, decoder_noise_scale=1.0),
-              dict(sampler="ode", sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),
+    "xsum": (dict(block_size=1088, decoder_noise_scale=1.0), dict(source_length=1024, sampler="ode",
+             sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),
+    "de-en": (dict(block_size=128, decoder_noise_scale=1.0), dict(source_length=64, sampler="ode",
+              sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),
 }
 AUTHORS_NAMES = [   # (part of their tensor name, ours); their blocks' norms and attention match
     ("self_cond_proj.", "in_proj."), ("text_proj.proj1.", "bottleneck_down."),

@@ -3,6 +3,8 @@
     python prepare_data.py --input notes.txt books/ web.jsonl.gz --name mix
     python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT
     python prepare_data.py --pairs pairs.jsonl --block_size 64   # {"source": ..., "target": ...}
+    python prepare_data.py --pairs wmt14 --hf_config de-en --source_field translation.de \
+        --target_field translation.en --source_length 64 --block_size 128 --tokenizer t5-small
 
 Writes data/NAME/NAME_val_000000.bin, NAME_train_000001.bin, ... (llm.c's shards), meta.json; the
 end-of-text token follows every document (a .txt file, a JSON line, a dataset row)."""
@@ -115,6 +117,11 @@ def text_pieces(path, stats):
             carry = text[cut:]
     yield carry, True
 
+def field(row, name):  # row["a"]["b"] for name "a.b" (nested fields: WMT14's translation.de)
+    for key in name.split("."):
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
+
 def jsonl_rows(path, keys, stats):
     """The objects of a .jsonl or .jsonl.gz file, line by line, each with these string fields."""
     number, start = 0, stats["bytes"]
@@ -125,25 +132,25 @@ def jsonl_rows(path, keys, stats):
                 if not line.strip():
                     continue                                # blank lines are skipped
                 row = json.loads(line)
-                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in keys):
+                if not all(isinstance(field(row, k), str) for k in keys):
                     fail(f"{path}, line {number}: no string field {' and '.join(keys)} (--help)")
                 yield row
     except (ValueError, OSError, EOFError) as e:      # no file, bad JSON or UTF-8, a damaged .gz
         fail(f"{path}, line {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
-def hf_texts(name, config, field, stats):  # a Hugging Face dataset's texts, streamed
+def hf_rows(name, config, split, keys, stats):  # a Hugging Face dataset's rows, streamed
     try:
         import datasets
-        rows = datasets.load_dataset(name, config, split="train", streaming=True)
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
     except ImportError:
-        fail("--hf_dataset needs the optional `datasets` package: pip install datasets")
+        fail("a Hugging Face dataset needs the optional `datasets` package: pip install datasets")
     except Exception as e:  # noqa: BLE001 (unknown names, network, configs: many kinds)
         fail(f"could not open dataset {name} ({type(e).__name__}: {str(e).splitlines()[0]})")
     for row in rows:
-        if not isinstance(row.get(field), str):
-            fail(f"dataset {name!r} has no text field {field!r} (see --text_field)")
-        stats["bytes"] += len(row[field])
-        yield row[field], True
+        if not all(isinstance(field(row, k), str) for k in keys):
+            fail(f"dataset {name!r} has no text field {' and '.join(keys)} (--help)")
+        stats["bytes"] += sum(len(field(row, k)) for k in keys)
+        yield row
 
 def batches(pieces, stats, total_bytes):  # non-blank pieces, about CHUNK_CHARS at a time
     batch, chars, shown = [], 0, time.perf_counter()
@@ -180,16 +187,24 @@ def progress(stats, total=0):
     return (f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {megabytes:,.1f} MB in "
             f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s{eta})")
 
-def pair_examples(path, block_size, stats, tok):
-    """Source, end-of-text, target, padding to block_size (README: Conditions); cuts in stats."""
-    for pair in jsonl_rows(path, ["source", "target"], stats):
-        source, target = (tok.encode(pair[k]) for k in ("source", "target"))
-        keep = max(block_size // 2 - 1, block_size - 2 - len(target))  # source gives way first
-        example = source[:keep] + [tok.eot] + target + [tok.eot]
-        stats["documents"] += 1
-        stats["truncated_sources"] += len(source) > keep
-        stats["truncated_targets"] += len(example) > block_size
-        yield example[:block_size] + [tok.eot] * (block_size - len(example))
+def pair_examples(rows, args, stats, tok, texts=os.devnull):
+    """Paired examples of block_size tokens (README: Conditions), cuts counted in stats: source,
+    end-of-text, target, end-of-text padding; the authors' (--source_length): the source cut to it,
+    the target, padding, stored after the source's length. Texts: their JSON lines, written."""
+    block_size, cut = args.block_size, args.source_length
+    with open(texts, "w") as out:
+        for row in rows:
+            pair = {k: field(row, getattr(args, k + "_field")) for k in ("source", "target")}
+            source, target = tok.encode(pair["source"]), tok.encode(pair["target"])
+            stats["documents" if target else "empty_targets"] += 1
+            if not target:                                      # left out (and counted)
+                continue
+            keep = cut or max(block_size // 2 - 1, block_size - 2 - len(target))  # source yields
+            example = source[:keep] + (target if cut else [tok.eot] + target + [tok.eot])
+            stats["cut_sources"] += len(source) > keep
+            stats["cut_targets"] += len(example) > block_size
+            print(json.dumps(pair), file=out)
+            yield [len(source[:keep])] * bool(cut) + (example + [tok.eot] * block_size)[:block_size]
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -202,14 +217,20 @@ def main(argv=None):
     ap.add_argument("--val_fraction", type=float, default=0.1, help="of the tokens, up to a shard")
     ap.add_argument("--shard_tokens", type=int, default=100_000_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
-    ap.add_argument("--pairs", help='JSON lines {"source": ..., "target": ...}: paired examples')
+    ap.add_argument("--split", default="train", help="of a dataset; not train: all to val shards")
+    ap.add_argument("--pairs", help="paired examples: JSON lines or a Hugging Face dataset's name")
+    ap.add_argument("--source_field", default="source", help="of a pair (nested: translation.de)")
+    ap.add_argument("--target_field", default="target", help="of a pair (nested: translation.en)")
     ap.add_argument("--block_size", type=int, default=64, help="with --pairs: tokens per example")
+    ap.add_argument("--source_length", type=int, help="--pairs as the authors: source cut to this")
     ap.add_argument("--tokenizer", default="gpt2", help="gpt2 (tiktoken) or a transformers name")
     args = ap.parse_args(argv)
-    unit = args.block_size if args.pairs else 1             # paired examples are never cut
+    unit = args.block_size + (args.source_length is not None) if args.pairs else 1  # never cut
     if not (0 < args.val_fraction < 1 and args.workers > 0 and args.shard_tokens >= unit > 3 * (
-            args.pairs is not None)):
-        fail("want 0 < --val_fraction < 1, --workers > 0, --shard_tokens >= --block_size >= 4")
+            args.pairs is not None) and 0 <= (args.source_length or 0) < args.block_size):
+        fail("want 0 < --val_fraction < 1, --workers > 0, --shard_tokens >= --block_size >= 4, "
+             "0 <= --source_length < --block_size")
+    evaluation = args.split != "train"                      # an evaluation set: all in val
     if (tok := get_tokenizer(args.tokenizer)).n_vocab > 2**16:
         fail(f"{tok.name} has {tok.n_vocab:,} tokens: more than uint16 shards hold")
     if not (args.pairs or args.hf_dataset or args.input):
@@ -217,32 +238,41 @@ def main(argv=None):
     sources = [args.pairs] if args.pairs else [args.hf_dataset] if args.hf_dataset else args.input
     stats = collections.Counter(start=time.perf_counter())
     total_bytes = sum(f.stat().st_size for path in args.input or [] for f in walk(Path(path)))
-    pieces = (hf_texts(args.hf_dataset, args.hf_config, args.text_field, stats) if args.hf_dataset
+    keys = [args.source_field, args.target_field] if args.pairs else [args.text_field]
+    rows = (jsonl_rows(args.pairs, keys, stats) if str(sources[0]).endswith(SUFFIXES[1:]) else
+            hf_rows(sources[0], args.hf_config, args.split, keys, stats))  # --input: not read
+    pieces = (((field(row, keys[0]), True) for row in rows) if args.hf_dataset
               else (piece for path in args.input or [] for f in walk(Path(path)) for piece in (
-                  ((row[args.text_field], True) for row in jsonl_rows(f, [args.text_field], stats))
+                  ((field(row, keys[0]), True) for row in jsonl_rows(f, keys, stats))
                   if f.name.endswith(SUFFIXES[1:]) else text_pieces(f, stats))))
-    parts = (tokenize(batches(pieces, stats, total_bytes), args.workers, tok.name) if not args.pairs
-             else [np.uint16([*pair_examples(args.pairs, args.block_size, stats, tok)]).ravel()])
     name = args.name or Path(os.path.abspath(sources[0])).name.split(".")[0]
     (folder := Path(args.out_dir) / name).mkdir(parents=True, exist_ok=True)
+    texts = folder / "pairs.jsonl" if evaluation else os.devnull   # sample.py --pairs reads it
+    examples = pair_examples(rows, args, stats, tok, texts) if args.pairs else None
+    parts = (tokenize(batches(pieces, stats, total_bytes), args.workers, tok.name) if not args.pairs
+             else (np.uint16(chunk).ravel() for chunk in iter(      # 4,096 examples at a time
+                 lambda: list(itertools.islice(examples, 4096)), [])))
     for old in [*folder.glob("*_train_*.bin"), *folder.glob("*_val_*.bin")]:
         old.unlink()                                        # an earlier run's shards
     size = args.shard_tokens // unit * unit                 # whole examples per shard
-    train, val = write_shards(folder, name, parts, size, unit, args.val_fraction, stats)
+    val_fraction = 1 if evaluation else args.val_fraction
+    train, val = write_shards(folder, name, parts, size, unit, val_fraction, stats)
     n_train, n_val = (sum(n for _, n in shards) for shards in (train, val))
-    if min(n_train, n_val) < max(2, unit):
+    if (n_val if evaluation else min(n_train, n_val)) < max(2, unit):
         for path, _ in train + val:
             os.remove(path)
         fail(f"{n_train} train / {n_val} val tokens, want 2 (or a pair) each: add text or change "
-             "--val_fraction" if n_train else f"no non-blank text in {' '.join(sources)}")
+             "--val_fraction" if n_train else f"no non-blank text in {sources[0]}")
     meta = {"tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot,
             "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val,
             "train_shards": len(train), "sources": list(map(str, sources))}
     if args.pairs:
         meta.update(pairs=True, block_size=args.block_size, examples=stats["documents"],
-                    **{k: stats[k] for k in ("truncated_sources", "truncated_targets")})
+                    **{k: stats[k] for k in ("cut_sources", "cut_targets", "empty_targets")})
+        meta.update({} if args.source_length is None else {"source_length": args.source_length})
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    cuts = f" ({stats['truncated_sources']} sources and {stats['truncated_targets']} targets cut)"
+    empty = f", {stats['empty_targets']} empty targets left out" * bool(stats["empty_targets"])
+    cuts = f" ({stats['cut_sources']} sources, {stats['cut_targets']} targets cut{empty})"
     print(f"{progress(stats)}{cuts * bool(args.pairs)}: {n_train:,} train tokens in {len(train)} "
           f"shard(s), {n_val:,} val -> {folder}")
 

@@ -76,9 +76,8 @@ def generate(model, num_samples, length, settings=SamplerConfig(), generator=Non
     shape = (num_samples, length, cfg.embed_dim)
     z = cfg.noise_scale * torch.randn(shape, generator=generator, device=device)  # t = 0: noise
     x_prev = torch.zeros_like(z)                     # the self-conditioning input starts at zero
-    x_cond = None                                    # the clean embeddings of the fixed text
-    if cond is not None:
-        x_cond = torch.where(cond[..., None], model.embed(cond_tokens, cond), 0.0)
+    x_cond = cond if cond is None else torch.where(   # the clean embeddings of the fixed text
+        cond[..., None], model.embed(cond_tokens, cond), 0.0)
     denoise_w = lambda z_, t_, x_sc: denoise_fn(z_, t_, w, x_sc)  # noqa: E731
     step_fn = elf.conditioned(denoise_w, cond, x_cond, settings.cfg_scale)
     for i in range(settings.steps):       # SDE steps with churn, the last an ODE step onto t = 1
@@ -116,8 +115,7 @@ def show(model, num_samples, settings, seed):
         print("  | " + text.replace("\n", "\n  | "))
 
 def compiled_passes(model, compile_flag, device):
-    """generate's denoise_fn/decode_fn compiled, if asked ('auto': on CUDA). CUDA graphs (mode
-    reduce-overhead) remove launch overhead; a graph's next run overwrites its outputs: clones."""
+    """generate's passes compiled if asked ('auto': on CUDA); a CUDA graph's next run overwrites."""
     if compile_flag == "false" or (compile_flag == "auto" and device.type != "cuda"):
         return {}
     mode = "reduce-overhead" if device.type == "cuda" else "default"
@@ -161,28 +159,35 @@ def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
     total, count = pooled_nll(judge, samples)
     return math.exp(total / max(count, 1))
 
-def judge_samples(texts, args, settings, seconds_per_sample, device):
-    """Print, and append to the results file, one JSON line: gen_ppl, entropy and the settings
-    (None: a file's texts). All texts are re-tokenized by GPT-2's BPE, as in the paper."""
+def judge_samples(texts, args, settings, seconds_per_sample, device, scores=None):
+    """Print, and append to the results file, one JSON line: gen_ppl and entropy (or a pairs'
+    scores), the settings (None: a file's texts). Texts are re-tokenized by GPT-2's BPE."""
     samples = [get_tokenizer("gpt2").encode(text) for text in texts]
     entropy = sum(unigram_entropy(s) for s in samples) / len(samples)
-    gen_ppl = generative_perplexity(samples, args.judge, device)
-    summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4),
+    gen_ppl = generative_perplexity(samples, args.judge, device) if scores is None else None
+    summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4), **scores or {},
                    n=len(samples), judge=args.judge, **(asdict(settings) if settings else {}),
                    s_per_sample=seconds_per_sample, source=args.samples or args.ckpt)
     print(json.dumps(summary))
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")
 
-def score_pairs(pairs, rows, tokens, tok):
-    """Exact match and token accuracy of the targets against the pairs' "target"s (if any)."""
-    scored = [(out[len(row):], tok.encode(pair["target"]) + [tok.eot])
-              for pair, row, out in zip(pairs, rows, tokens) if isinstance(pair.get("target"), str)]
-    right = [sum(a == b for a, b in zip(generated, ref)) for generated, ref in scored]
-    exact = sum(r == len(ref) for r, (_, ref) in zip(right, scored)) / max(len(scored), 1)
-    accuracy = sum(right) / max(sum(len(ref) for _, ref in scored), 1)
-    if scored:
-        print(f"exact match {exact:.1%}, token accuracy {accuracy:.1%} over {len(scored)} pairs")
+def score_pairs(texts, pairs):
+    """Exact match, corpus BLEU and ROUGE-1/2/L F1 (%) of the targets, as the authors score them."""
+    refs = [pair["target"] for pair in pairs]
+    scores = {"exact_match": 100 * sum(map(str.__eq__, texts, refs)) / len(refs)}
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+        bleu = sacrebleu.corpus_bleu(texts, [refs], lowercase=True, use_effective_order=True)
+        rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        each = [rouge.score(ref, text) for text, ref in zip(texts, refs)]
+        scores |= {"bleu": bleu.score} | {k: 100 * sum(s[k].fmeasure for s in each) / len(each)
+                                          for k in ("rouge1", "rouge2", "rougeL")}
+    except ImportError:
+        print("no BLEU or ROUGE: pip install sacrebleu rouge-score")
+    print(", ".join(f"{k} {v:.1f}" for k, v in scores.items()) + f" over {len(refs)} pairs")
+    return scores
 
 # ----------------------------------------------------------------------------------------------
 # The command line: load, templates, generate in batches, write, judge; or --bench
@@ -203,8 +208,8 @@ def bench(model, length, settings, args, gen, passes):
 HUB_ID = re.compile(r"[\w-]+/[\w.-]+(?<!\.pt)")   # owner/name, as on the Hugging Face Hub
 
 def checkpoint_file(source):
-    """The file --ckpt (or train.py's --init_from) names: a file; a folder's ckpt.pt or its latest
-    checkpoint_<step> (the authors' format); or a Hugging Face Hub repo id, downloaded first."""
+    """The file --ckpt (or train.py's --init_from) names: a file; a folder of the authors' format's
+    checkpoint_<step> files; or a Hugging Face Hub repo id, downloaded first."""
     path = source
     if not os.path.exists(source):
         if not HUB_ID.fullmatch(source):
@@ -213,18 +218,15 @@ def checkpoint_file(source):
             from huggingface_hub import snapshot_download
             path = snapshot_download(source)
         except ImportError:
-            sys.exit(f"error: {source} is not a local path; to download it from the Hugging Face "
-                     "Hub, pip install huggingface_hub")
+            sys.exit(f"error: {source} is not here; to download it, pip install huggingface_hub")
         except Exception as e:  # noqa: BLE001 (no such repo, offline, no access: all one line)
-            sys.exit(f"error: cannot download {source} from the Hugging Face Hub "
-                     f"({type(e).__name__}): check the name and the network, or pass a local copy")
-    if os.path.isdir(path):
-        found = glob.glob(os.path.join(glob.escape(path), "checkpoint_*"))
+            sys.exit(f"error: cannot download {source} ({type(e).__name__}): check it, or pass one")
+    if os.path.isdir(path):                          # the authors' latest checkpoint_<step>
         step = lambda f: int(re.search(r"(\d*)$", f).group(1) or -1)  # noqa: E731
-        found = [os.path.join(path, "ckpt.pt")] + sorted(found, key=step)
-        path = next((f for f in reversed(found) if os.path.isfile(f)), None)
-        if path is None:
-            sys.exit(f"error: no ckpt.pt or checkpoint_<step> file in {source}: pass the file")
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "checkpoint_*")), key=step)
+        if not found:
+            sys.exit(f"error: no checkpoint_<step> file in {source}: pass the file")
+        path = found[-1]
     return path
 
 def load_checkpoint(source, weights="ema", encoder=None):
@@ -234,14 +236,13 @@ def load_checkpoint(source, weights="ema", encoder=None):
     path = checkpoint_file(source)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(ckpt, dict):
-            raise TypeError(f"a {type(ckpt).__name__}, not a dict")
         if "params" in ckpt:                                   # the authors' format
             params = (weights == "ema" and ckpt.get("ema_params1")) or ckpt["params"]
             fields, train_config = elf.authors_config(params, f"{source} {path}")
             state = elf.from_authors(params, fields["n_head"])
         else:
-            fields, train_config = ckpt["model_config"], ckpt.get("train_config", {})
+            fields, train_config = ckpt["model_config"], ckpt.get("train_config", {}).copy()
+            train_config["source_length"] = ckpt.get("data", {}).get("source_length")
             state = ckpt[weights]
         if encoder and fields.get("embedding") == "t5":
             fields = {**fields, "encoder": encoder, "tokenizer": encoder}
@@ -257,10 +258,8 @@ def load(args, device):
         model, train_config = ELF(ELFConfig(**MODEL_SIZES[args.model])), {}
     else:
         model, train_config = load_checkpoint(args.ckpt, args.weights, args.encoder)
-    task = train_config.get("task", "owt")
-    if task != "owt" and not args.pairs and not args.bench:
-        sys.exit(f"error: {args.ckpt} is the authors' conditional {task} model: give it sources "
-                 "with --pairs (unconditional text: ELF-B-owt-torch)")
+    if (task := train_config.get("task", "owt")) != "owt" and not (args.pairs or args.bench):
+        sys.exit(f"error: {args.ckpt} is the authors' conditional {task} model: pass --pairs")
     length, block_size = args.length or model.cfg.block_size, model.cfg.block_size
     if length > block_size:
         sys.exit(f"error: --length {length} is outside 1..{block_size} (the model's block_size)")
@@ -271,11 +270,15 @@ def read_rows(path, key):
     rows = list(jsonl_rows(path, [key], {"bytes": 0}))
     return rows or sys.exit(f'error: no samples in {path}: want JSON lines {{"{key}": ...}}')
 
-def templates(args, pairs, length, tok):
+def templates(args, pairs, length, tok, cut=None):
     """A row per sample: token ids where the text is fixed, None (and all past the row) generated:
-    --pairs' sources + end-of-text, --prompt, or --infill "a [BLANK:n] b" (n Nones each)."""
+    --pairs' sources + end-of-text (or, as the authors' layout, cut to `cut` tokens), --prompt, or
+    --infill "a [BLANK:n] b" (n Nones each)."""
     if pairs:
-        rows = [tok.encode(pair["source"]) + [tok.eot] for pair in pairs]
+        sources = [tok.encode(pair["source"]) for pair in pairs]
+        if cut and (longer := sum(len(source) > cut for source in sources)):
+            print(f"note: {longer} of {len(sources)} sources cut to {cut} tokens, as in training")
+        rows = [source[:cut] if cut else source + [tok.eot] for source in sources]
     else:
         text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
         parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
@@ -303,8 +306,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")   # one line, no usage
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="a file, a folder or a Hub repo id (the "
-                   "authors': embedded-language-flows/ELF-B-owt-torch)")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="a file, a folder or a Hub repo id")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--encoder", help="T5 models: encoder and tokenizer (name or folder) to use")
     p.add_argument("--num_samples", type=int, default=4)
@@ -324,7 +326,7 @@ def parse_args(argv):
     fixed.add_argument("--prompt", help="text that every sample starts with and continues")
     fixed.add_argument("--prompt_file", type=argparse.FileType("r"), help="the prompt, from a file")
     fixed.add_argument("--infill", help='fixed text with blanks to fill: "Before [BLANK:12] after"')
-    fixed.add_argument("--pairs", help='JSON lines {"source": ...}: a target for each (scored)')
+    fixed.add_argument("--pairs", help='JSON lines {"source": ..., "target": ...}: scored targets')
     p.add_argument("--bench", action="store_true", help="time an untrained (or --ckpt) model")
     p.add_argument("--model", default="elf-b", choices=list(MODEL_SIZES), help="--bench size")
     p.add_argument("--bench_batches", type=int, default=3)
@@ -343,7 +345,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    given = {k: getattr(args, k) for k in asdict(SamplerConfig())}
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     out_dir = os.path.dirname(args.samples or args.ckpt) or "."
@@ -352,11 +353,11 @@ def main(argv=None):
         texts = [row["text"] for row in read_rows(args.samples, "text")]
         return judge_samples(texts, args, None, None, device)
     model, length, train_config = load(args, device)
-    settings = settings_from(train_config, **given)
+    settings = settings_from(train_config, **{k: getattr(args, k) for k in asdict(SamplerConfig())})
     pairs = read_rows(args.pairs, "source") if args.pairs else None
     fixed = pairs or args.infill or args.prompt or args.prompt_file
     tok = get_tokenizer(model.cfg.tokenizer)
-    rows = templates(args, pairs, length, tok) if fixed else None
+    rows = templates(args, pairs, length, tok, train_config.get("source_length")) if fixed else None
     n = len(rows) if pairs else args.num_samples
     gen = torch.Generator(device=device).manual_seed(args.seed)
     passes = compiled_passes(model, args.compile, device)
@@ -370,11 +371,10 @@ def main(argv=None):
     out = args.out or os.path.join(out_dir, "samples.jsonl")
     texts = decode_texts(model, [row[len(t):] for row, t in zip(tokens, rows)] if pairs else tokens)
     write_samples(texts, pairs, out)
-    if pairs:
-        score_pairs(pairs, rows, tokens, tok)
+    scores = score_pairs(texts, pairs) if pairs and all("target" in p for p in pairs) else None
     print(f"{n} samples in {seconds:.1f} s ({seconds / n:.3f} s per sample); written to {out}")
     if args.eval:
-        judge_samples(texts, args, settings, round(seconds / n, 4), device)
+        judge_samples(texts, args, settings, round(seconds / n, 4), device, scores)
 
 if __name__ == "__main__":
     main()

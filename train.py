@@ -165,14 +165,12 @@ def parse_args(argv):
     check(tc, mc)
     return tc, mc
 
-# What --init_from's weights fix: the rest (block_size, noise scales, ...) may be changed.
 ARCHITECTURE = ("n_layer n_head n_embd embed_dim bottleneck_dim vocab_size n_mode_tokens "
-                "n_time_tokens n_scale_tokens embedding").split()
+                "n_time_tokens n_scale_tokens embedding").split()  # what --init_from's weights fix
 
 @functools.cache
 def pretrained(source):
-    """(model, sampler settings) of the authors' checkpoint (README: Sample from the paper's ELF-B),
-    read once: its EMA weights, the ones they sample with."""
+    """(model, sampler settings) of the authors' checkpoint, read once: the EMA weights."""
     return sample.load_checkpoint(source)
 
 def usage():
@@ -213,7 +211,7 @@ def open_shards(tc, mc, split):
     if not shards:
         raise ConfigError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
                           "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
-    if max(n for _, n in shards) < mc.block_size + (not paired):
+    if max(n for _, n in shards) < mc.block_size + (not paired or "source_length" in meta):
         raise ConfigError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
     return shards, meta
 
@@ -232,6 +230,16 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
                           f">= vocab_size {vocab_size}; re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
+def condition_masks(tokens, meta):
+    """(tokens, cond, valid) of paired examples (README: Conditions): the source runs to the first
+    end-of-text, or, the authors' layout, the source's length leads; padding: eot after it."""
+    eot = tokens == meta["eot_token"]
+    if "source_length" not in meta:
+        return tokens, eot.cumsum(1) <= eot, None
+    lengths, tokens, eot = tokens[:, :1], tokens[:, 1:], eot[:, 1:]
+    cond = torch.arange(tokens.size(1), device=tokens.device) < lengths
+    return tokens, cond, (eot & ~cond).cumsum(1) == 0
+
 def keep_log_until(path, last_iter, say):
     """log.jsonl's rows to the checkpoint's iteration: a killed run logged past it, maybe torn."""
     lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
@@ -247,7 +255,6 @@ def keep_log_until(path, last_iter, say):
     os.replace(path + ".tmp", path)                         # like checkpoints: whole or not at all
     if dropped := len(lines) - len(kept):
         say(f"{path}: kept {len(kept)} rows, dropped {dropped} torn or past iteration {last_iter}")
-    return kept
 
 def init_distributed(tc):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs."""
@@ -286,8 +293,7 @@ class Trainer:
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        # Gradients are zeroed, never freed: a batch without decode rows gives the decode head a
-        # zero gradient (not a skipped update), the same on one process as on several.
+        # Gradients are zeroed, never freed: a step without decode rows still steps their head.
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         self.iter, self.meta = 0, meta or {}                    # the data's meta.json
@@ -320,14 +326,13 @@ class Trainer:
     def micro_batch_loss(self, model, shards, seed, it, index):
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
         host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
-        size, n = (self.micro, self.mc.block_size), self.mc.vocab_size
-        paired = self.meta.get("pairs", False)                  # prepare_data.py --pairs
+        paired, n = self.meta.get("pairs", False), self.mc.vocab_size  # prepare_data.py --pairs
+        size = (self.micro, self.mc.block_size + ("source_length" in self.meta))  # authors': +1
         tokens = (get_batch(shards, *size, host_gen, n, paired) if shards else
                   torch.randint(0, n, size, generator=host_gen))                # --bench
         tokens = elf.to_device(tokens, self.device)
-        eot = tokens == self.meta["eot_token"] if paired else None
-        cond = eot.cumsum(1) <= eot if paired else None     # pairs: the source, to end-of-text
-        draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, cond)
+        tokens, *masks = condition_masks(tokens, self.meta) if paired else (tokens, None, None)
+        draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, *masks)
         with self.autocast:
             return elf.elf_loss(model, tokens, draws)
 
@@ -340,9 +345,9 @@ class Trainer:
 
     def save(self, path):
         # No generator states: the randomness of every step follows from (seed, iteration).
-        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizers": [opt.state_dict() for opt in self.optimizers], "iter": self.iter,
-                 "train_config": asdict(self.tc), "model_config": asdict(self.mc)}
+        state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(), iter=self.iter,
+                     optimizers=[opt.state_dict() for opt in self.optimizers], data=self.meta,
+                     train_config=asdict(self.tc), model_config=asdict(self.mc))
         torch.save(state, path + ".tmp")        # then renamed: a crash mid-write keeps the last one
         os.replace(path + ".tmp", path)
 

@@ -159,7 +159,7 @@ def test_fine_tuning_starts_from_their_weights(t5_dir, tmp_path, capsys):
     train.main(args + ["--max_iters=2", "--eval_interval=2"])
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)   # this repo's format
     assert ckpt["iter"] == 2 and ckpt["model_config"]["n_time_tokens"] == 3
-    sample.main(["--ckpt", str(tmp_path / "out"), "--num_samples=1", "--steps=2"])
+    sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--num_samples=1", "--steps=2"])
     capsys.readouterr()
     with pytest.raises(train.ConfigError, match="n_layer"):      # the architecture is theirs
         train.parse_args(args + ["--n_layer=3"])
@@ -175,7 +175,7 @@ def test_bad_checkpoints_are_one_line(tmp_path, monkeypatch, capsys):
     torch.save({"params": {"x": torch.zeros(1)}}, tmp_path / "checkpoint_3")
     fails(str(tmp_path / "checkpoint_3"), "not a compatible ELF checkpoint")
     (tmp_path / "empty").mkdir()
-    fails(str(tmp_path / "empty"), "no ckpt.pt or checkpoint_<step> file")
+    fails(str(tmp_path / "empty"), "no checkpoint_<step> file")
     fails("no-such-owner/ELF-Z-torch", "cannot download no-such-owner/ELF-Z-torch")  # offline
     fails("out/missing.pt", "no checkpoint at out/missing.pt")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # not installed
@@ -187,7 +187,7 @@ def test_bad_checkpoints_are_one_line(tmp_path, monkeypatch, capsys):
         "xsum", 1088, 1.0)
     assert sample.settings_from(trained) == sample.SamplerConfig(
         steps=64, sampler="ode", scale=1.0, cfg_scale=2.0)
-    with pytest.raises(SystemExit, match="conditional xsum model: give it sources with --pairs"):
+    with pytest.raises(SystemExit, match="conditional xsum model: pass --pairs"):
         sample.main(["--ckpt", str(xsum), "--num_samples=1"])
     capsys.readouterr()
     assert os.path.exists(FIXTURE / "checkpoint_7")

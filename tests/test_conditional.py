@@ -232,7 +232,7 @@ def test_prepare_pairs_builds_fixed_length_examples(tmp_path, capsys):
             "--val_fraction=0.25",
         ]
     )
-    assert "1 sources and 1 targets cut" in capsys.readouterr().out
+    assert "1 sources, 1 targets cut" in capsys.readouterr().out
     folder = tmp_path / "data" / "p"
     train_rows, val_rows = (
         np.fromfile(folder / f"p_{split}.bin", np.uint16, offset=1024).reshape(-1, 8).tolist()
@@ -315,7 +315,7 @@ def test_pairs_end_to_end(reverse_model, tmp_path, capsys, cfg_scale):
             "--scale=1",
         ]
     )
-    assert "exact match 100.0%, token accuracy 100.0% over 6 pairs" in capsys.readouterr().out
+    assert "exact_match 100.0" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(out)]
     assert [r["text"] for r in rows] == [r["target"] for r in rows]
 

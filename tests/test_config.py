@@ -184,11 +184,12 @@ def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_di
 def test_the_log_reader_alone(tmp_path):
     path = str(tmp_path / "log.jsonl")
     said = []
-    assert train.keep_log_until(path, 10, said.append) == [] and said == []   # no log yet: empty
+    train.keep_log_until(path, 10, said.append)
+    assert open(path).read() == "" and said == []                           # no log yet: empty
     good = [{"iter": 1, "loss": 2.0}, {"iter": 3, "val": 1.5}]
     lines = [json.dumps(good[0]), "[1, 2]", '{"loss": 1}', json.dumps(good[1]), '{"iter": 4,']
     open(path, "w").write("\n".join(lines))
-    assert train.keep_log_until(path, 3, said.append) == good
+    train.keep_log_until(path, 3, said.append)
     assert said == [f"{path}: kept 2 rows, dropped 3 torn or past iteration 3"]
     assert open(path).read() == '{"iter": 1, "loss": 2.0}\n{"iter": 3, "val": 1.5}\n'
 
