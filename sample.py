@@ -260,13 +260,13 @@ def load(args, device):
         model, train_config = load_checkpoint(args.ckpt, args.weights, args.encoder)
     if (task := train_config.get("task", "owt")) != "owt" and not (args.pairs or args.bench):
         sys.exit(f"error: {args.ckpt} is the authors' conditional {task} model: pass --pairs")
-    length, block_size = args.length or model.cfg.block_size, model.cfg.block_size
-    if length > block_size:
-        sys.exit(f"error: --length {length} is outside 1..{block_size} (the model's block_size)")
+    if (length := args.length or model.cfg.block_size) > model.cfg.block_size:
+        sys.exit(f"error: --length {length} is outside 1..{model.cfg.block_size} (its block_size)")
     return model.to(device).eval(), length, train_config
 
 def read_rows(path, key):
-    """The objects of a JSON-lines file, each with a string `key`, or a one-line error."""
+    """The rows, each with a string `key`, of a JSON-lines file (a prepared folder: pairs.jsonl)."""
+    path = os.path.join(path, "pairs.jsonl") if os.path.isdir(path) else path
     rows = list(jsonl_rows(path, [key], {"bytes": 0}))
     return rows or sys.exit(f'error: no samples in {path}: want JSON lines {{"{key}": ...}}')
 

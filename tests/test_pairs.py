@@ -64,7 +64,7 @@ def test_the_layout_and_masks_are_theirs(t5_dir, tmp_path, capsys):  # noqa: F81
     assert torch.equal(tokens, batch["input_ids"])
     assert torch.equal(cond, batch["cond_seq_mask"].bool())
     assert torch.equal(valid, batch["attention_mask"].bool())
-    texts = [json.loads(line) for line in open(folder / "pairs.jsonl")]   # for sample.py --pairs
+    texts = sample.read_rows(str(folder), "source")            # sample.py --pairs=FOLDER
     assert texts == [{"source": p["input"], "target": p["output"]} for p in theirs()["pairs"]]
 
 
