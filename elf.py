@@ -33,7 +33,7 @@ class ELFConfig:
     embedding_seed: int = 0       # the Gaussian table is regenerated from this seed, never stored
     latent_std: float = 1.0       # embeddings are divided by this scalar (t5: 0.2)
     encoder: str = "t5-small"     # --embedding=t5: the pretrained encoder (name or folder)
-    tokenizer: str = "gpt2"       # what the token ids mean: set by train.py from the data's
+    tokenizer: str = "gpt2"       # what the token ids mean (train.py: from the data's meta.json)
     # flow and objective (README: The flow, Training objective)
     prediction: str = "x"         # 'x' (x-prediction, the paper's) or 'v' (v-prediction, ablation)
     noise_scale: float = 2.0      # sigma: z_t = t x + (1 - t) sigma eps
@@ -159,7 +159,7 @@ def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (i, i + head_dim/2) of each head; x is (B, H, T, head_dim). The authors'
     code pairs adjacent channels (2i, 2i+1): the same rotation up to a fixed reordering of each
-    head's q/k channels, which load_authors applies to their weights (README: The paper's ELF-B)."""
+    head's q/k channels, which from_authors applies to their weights (README: The network)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -529,13 +529,12 @@ def peak_flops(device):
 # Optimizer (README: Training objective): Muon for the transformer's 2-D weight matrices, AdamW
 # for everything else.
 
-def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95),
-                         adam_lr=None):
+def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0):
     """Optimizers to step together: Muon orthogonalises the updates of the blocks' 2-D matrices;
     the rest (embeddings, heads, norms, biases, learned tokens) goes to a fused AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
-        return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+        return [torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                                   fused=params[0].is_cuda)]
     if optimizer != "muon":
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'muon' or 'adamw'")
@@ -543,7 +542,7 @@ def configure_optimizers(model, optimizer="muon", lr=2e-3, weight_decay=0.0, bet
     muon = [p for p in params if id(p) in hidden]
     adam = [p for p in params if id(p) not in hidden]
     return [torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="original"),
-            torch.optim.AdamW(adam, lr=adam_lr or lr, betas=betas, weight_decay=weight_decay,
+            torch.optim.AdamW(adam, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                               fused=adam[0].is_cuda)]
 
 def lr_at(it, tc):
@@ -560,7 +559,7 @@ def lr_at(it, tc):
 # The authors' released checkpoints (README: Sample from the paper's ELF-B): their format, read
 # into this file's ELF. What a checkpoint does not hold comes from their configs, by task name.
 
-AUTHORS_TASKS = {   # task (in the repo or folder name): fields, then sampler (paper's settings)
+AUTHORS_TASKS = {   # task (in the repo or folder name): fields; sampler (the paper's), layout
     "owt": (dict(block_size=1024), dict(sampler="sde", sample_steps=32, sample_gamma=1.5)),
     "xsum": (dict(block_size=1088, decoder_noise_scale=1.0), dict(source_length=1024, sampler="ode",
              sample_steps=64, sample_scale=1.0, sample_cfg_scale=2.0)),

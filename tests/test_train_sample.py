@@ -22,8 +22,10 @@ TEXT_IDS = [2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808, 13, 198]
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--embed_dim=32", "--bottleneck_dim=32",
         "--block_size=14", "--batch_size=16", "--warmup_iters=20", "--eval_iters=1",
         "--sample_steps=4", "--num_eval_samples=1", "--log_interval=50",
-        # the paper's recipe, not the cpu preset's (no self-conditioning, cosine decay, t_mean)
-        "--self_cond_prob=0.5", "--lr_schedule=constant", "--t_mean=-1.5"]
+        # the paper's recipe, not the cpu preset's (no self-conditioning, cosine decay, t_mean,
+        # prompts and blanks)
+        "--self_cond_prob=0.5", "--lr_schedule=constant", "--t_mean=-1.5",
+        "--cond_prefix_prob=0", "--cond_span_prob=0"]
 
 
 @pytest.fixture
