@@ -135,3 +135,19 @@ def test_bad_pairs_are_one_line(t5_dir, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit, match="needs the optional `datasets` package"):
         prepare_data.main(["--pairs", "wmt14", "--hf_config=de-en", "--out_dir", str(tmp_path)])
     monkeypatch.undo()
+
+
+def test_pairs_from_a_hugging_face_dataset(tmp_path, monkeypatch, capsys):
+    """A dataset by name, its split and nested fields (WMT14's rows), as `datasets` streams them."""
+    rows = [{"translation": {"de": "rot Katze", "en": "red cat"}}] * 3
+    opened = []
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda *args, **kwargs: opened.append((args, kwargs)) or rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    prepare_data.main(["--pairs", "wmt14", "--hf_config=de-en", "--split=validation",
+                       "--source_field=translation.de", "--target_field=translation.en",
+                       "--block_size=12", "--source_length=6", "--out_dir", str(tmp_path)])
+    assert opened == [(("wmt14", "de-en"), {"split": "validation", "streaming": True})]
+    assert sample.read_rows(str(tmp_path / "wmt14"), "source") == [
+        {"source": "rot Katze", "target": "red cat"}] * 3
+    assert "3 documents" in capsys.readouterr().out
