@@ -151,3 +151,26 @@ def test_pairs_from_a_hugging_face_dataset(tmp_path, monkeypatch, capsys):
     assert sample.read_rows(str(tmp_path / "wmt14"), "source") == [
         {"source": "rot Katze", "target": "red cat"}] * 3
     assert "3 documents" in capsys.readouterr().out
+
+
+def test_training_on_the_authors_layout_with_t5_masks_its_padding(t5_dir, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    """train.py on their layout with the T5 embedding: each step's encoder sees the condition and
+    padding masks (the draws carry them), and the run writes a checkpoint that knows the layout."""
+    pairs = write_jsonl(tmp_path / "p.jsonl", theirs()["pairs"] * 10)
+    prepare_data.main(["--pairs", pairs, "--source_field=input", "--target_field=output",
+                       "--source_length=4", "--block_size=8", f"--tokenizer={t5_dir}",
+                       "--out_dir", str(tmp_path / "data"), "--val_fraction=0.2"])
+    seen = []
+    monkeypatch.setattr(elf, "t5_embedding", lambda name, tokens, cond=None, valid=None,
+                        drop=None: seen.append((cond, valid)) or torch.zeros(*tokens.shape, 16))
+    train.main(["--dataset=p", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}",
+                f"--encoder={t5_dir}", "--embedding=t5", "--n_layer=1", "--n_embd=32",
+                "--n_head=2", "--bottleneck_dim=8", "--block_size=8", "--batch_size=4",
+                "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--num_eval_samples=1",
+                "--sample_steps=2"])
+    cond, valid = seen[0]
+    assert cond is not None and valid is not None and not valid.all()   # padding is masked
+    assert torch.equal(cond.sum(1) <= 4, torch.ones(4, dtype=torch.bool))
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ckpt["data"]["source_length"] == 4
