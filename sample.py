@@ -115,7 +115,7 @@ def show(model, num_samples, settings, seed):
         print("  | " + text.replace("\n", "\n  | "))
 
 def compiled_passes(model, compile_flag, device):
-    """generate's passes compiled if asked ('auto': on CUDA); a CUDA graph's next run overwrites."""
+    """generate's passes compiled if asked ('auto': on CUDA), cloned: CUDA graphs reuse outputs."""
     if compile_flag == "false" or (compile_flag == "auto" and device.type != "cuda"):
         return {}
     mode = "reduce-overhead" if device.type == "cuda" else "default"

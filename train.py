@@ -151,8 +151,8 @@ def parse_args(argv):
             raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
     settings = dict(PRESETS.get(preset, {}))
     if given.get("init_from"):    # the pretrained model's config and sampler, not a preset's
-        model, sampler = pretrained(given["init_from"])
-        fields = asdict(model.cfg)
+        net, sampler = pretrained(given["init_from"])
+        fields = asdict(net.cfg)
         if clash := [k for k in ARCHITECTURE if k in given and given[k] != fields[k]]:
             raise ConfigError(f"--{clash[0]}={given[clash[0]]} does not fit --init_from's weights "
                               f"({clash[0]}={fields[clash[0]]}): drop it")
