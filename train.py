@@ -231,8 +231,8 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     return torch.from_numpy(tokens.astype(np.int64))
 
 def condition_masks(tokens, meta):
-    """(tokens, cond, valid) of paired examples (README: Conditions): the source runs to the first
-    end-of-text, or, the authors' layout, the source's length leads; padding: eot after it."""
+    """(tokens, cond, valid) of paired examples (README: Conditions). The source runs to the first
+    end-of-text; in the authors' layout its length leads, and padding starts at the next one."""
     eot = tokens == meta["eot_token"]
     if "source_length" not in meta:
         return tokens, eot.cumsum(1) <= eot, None
@@ -283,7 +283,7 @@ class Trainer:
         self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
         torch.manual_seed(tc.seed)                              # the same weights on every rank
         self.model = ELF(mc)
-        if tc.init_from:                                        # fine-tuning (README: ...)
+        if tc.init_from:                          # fine-tuning (README: Sample from ... ELF-B)
             self.model.load_state_dict(pretrained(tc.init_from)[0].state_dict())
         self.model.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -293,7 +293,7 @@ class Trainer:
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        # Gradients are zeroed, never freed: a step without decode rows still steps their head.
+        # Zeroed, never freed: a step without decode rows gives their head a zero gradient.
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         self.iter, self.meta = 0, meta or {}                    # the data's meta.json
