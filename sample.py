@@ -41,8 +41,6 @@ def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
     time distribution between the endpoints (more steps where training put its effort)."""
     if schedule == "uniform":
         return torch.linspace(0, 1, steps + 1)
-    if schedule != "logit_normal":
-        raise ValueError(f"unknown schedule {schedule!r}: use 'logit_normal' or 'uniform'")
     device = generator.device if generator is not None else None
     noise = torch.randn(steps - 1, generator=generator, device=device).cpu()
     inner = torch.sigmoid(cfg.t_mean + cfg.t_std * noise).sort().values
@@ -106,13 +104,6 @@ def settings_from(train_config, **given):
     names = {k: k if k == "sampler" else "sample_" + k for k in asdict(SamplerConfig())}
     trained = {k: train_config[name] for k, name in names.items() if name in train_config}
     return replace(SamplerConfig(**trained), **{k: v for k, v in given.items() if v is not None})
-
-def show(model, num_samples, settings, seed):
-    """Print a few samples of the model's full length (train.py shows some at each evaluation)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    tokens = generate(model, num_samples, model.cfg.block_size, settings, gen)
-    for text in decode_texts(model, tokens.tolist()):
-        print("  | " + text.replace("\n", "\n  | "))
 
 def compiled_passes(model, compile_flag, device):
     """generate's passes compiled if asked ('auto': on CUDA), cloned: CUDA graphs reuse outputs."""
@@ -302,6 +293,15 @@ def write_samples(texts, pairs, path):
             print(f"--- sample {i} ---\n{text}")
             f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
 
+def pick_device(name):
+    """--device (train.py's too): 'auto' is cuda, then mps, then cpu; else one this machine has."""
+    have = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
+    match = re.fullmatch(r"(cuda|mps|cpu)(?::(\d+))?", next(k for k in have if have[k])
+                         if name == "auto" else name)
+    if not match or have[match[1]] <= int(match[2] or 0):
+        sys.exit(f"error: no device {name} here: use --device=auto or --device=cpu")
+    return torch.device(match[0])
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -345,8 +345,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     out_dir = os.path.dirname(args.samples or args.ckpt) or "."
     args.results = args.results or os.path.join(out_dir, "results.jsonl")
     if args.samples:                                 # judge texts made earlier: no model needed

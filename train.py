@@ -16,7 +16,7 @@ import signal
 import sys
 import textwrap
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -30,14 +30,13 @@ from prepare_data import HEADER_BYTES, MAGIC, VERSION
 
 @dataclass
 class TrainConfig:
-    # data and output
+    # data, output, batch
     dataset: str = "tinyshakespeare"  # data/<dataset>/*_train_*.bin, *_val_*.bin
     data_dir: str = "data"
     out_dir: str = "out"              # ckpt.pt, and log.jsonl: a JSON line per metric
-    model: str = "elf-cpu"            # a size of elf.MODEL_SIZES; ELFConfig fields override it
+    model: str = "elf-cpu"            # elf-cpu, elf-b, elf-m, elf-l (elf.MODEL_SIZES), then fields
     init_from: str = ""               # fine-tune the authors' weights: a file, folder or Hub id
-    # batch: batch_size sequences per optimizer step, in grad_accum micro-batches
-    batch_size: int = 32
+    batch_size: int = 32              # sequences per optimizer step, in grad_accum micro-batches
     grad_accum: int = 1
     # optimisation (README: Training objective): Muon + AdamW, warm-up, constant or cosine rate
     optimizer: str = "muon"
@@ -70,22 +69,19 @@ class TrainConfig:
     sample_schedule: str = "logit_normal"  # time grid: 'logit_normal' or 'uniform'
 
 PRESETS = {
-    # The quick start: half its examples conditioned (prompts, blanks); no self-conditioning, noisy
-    # times, a decaying rate: measured better at this size (README: Why the quick start is ...).
+    # The quick start: choices measured better at this size (README: Appendix, the quick start)
     "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0, t_mean=-1.9,
                 lr_schedule="cosine", min_lr=1e-4, sampler="ode", sample_schedule="uniform"),
-    # ELF-B on OpenWebText (README: Data at scale): batch 512 x 1024 as 8 micro-batches of 64,
-    # Muon lr 2e-3, constant after a 0.5-epoch warm-up, 5 epochs (~95K steps), EMA 0.9999.
+    # The paper's ELF-B on OpenWebText: ~5 epochs of 512 x 1024 tokens (README: On a GPU)
     "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512,
                       grad_accum=8, lr=2e-3, warmup_iters=9500, max_iters=95000,
                       ema_decay=0.9999, eval_interval=2000, eval_iters=20, log_interval=10),
 }
-# --embedding=t5 (README: Embeddings): the paper's values, over a size's (elf-cpu's are for d = 64)
-T5_SETTINGS = dict(latent_std=0.2, noise_scale=2.0, decoder_noise_scale=5.0)
+T5_SETTINGS = dict(latent_std=0.2, noise_scale=2.0, decoder_noise_scale=5.0)  # the paper's, for t5
 DEFAULTS = {**asdict(TrainConfig()), **asdict(ELFConfig())}
 
-class ConfigError(Exception):
-    """A mistake in the input: main prints it as one line, `error: ...`, without a traceback."""
+class RunError(Exception):
+    """Why the run cannot start or go on, printed by main as one line `error: ...`, no traceback."""
 
 # What each field of TrainConfig and ELFConfig must be: by its type, unless RULES name it.
 BY_TYPE = {int: (lambda v: v > 0, "an integer > 0"), str: (bool, "non-empty"),
@@ -104,7 +100,6 @@ RULES = [
     ("decoder_prob self_cond_prob cond_prefix_prob cond_span_prob cond_drop_prob ema_decay dropout",
      lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
     ("init_from", lambda v: True, "a checkpoint of the authors' or a Hub repo id"),
-    ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, mps, cuda[:N]"),
     *((name, allowed.__contains__, "one of " + ", ".join(allowed))
       for name, allowed in CHOICES.items()),
 ]
@@ -116,7 +111,7 @@ def check(tc, mc):
     for name, value in {**asdict(tc), **asdict(mc)}.items():
         test, what = RULE_OF[name]
         if not test(value) and not (name == "vocab_size" and mc.tokenizer != "gpt2"):
-            raise ConfigError(f"--{name} must be {what}, got {value!r}")
+            raise RunError(f"--{name} must be {what}, got {value!r}")
     heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none"
     for bad, message in [
         (tc.batch_size % tc.grad_accum,
@@ -129,33 +124,33 @@ def check(tc, mc):
         (tc.lr_schedule == "cosine" and tc.min_lr > tc.lr, "min_lr must be <= lr to decay to it"),
     ]:
         if bad:
-            raise ConfigError(message)
+            raise RunError(message)
 
 def parse_args(argv):
     """--key=value (or --flag) overrides of TrainConfig and ELFConfig, after --preset, --model."""
     if bad := [arg for arg in argv if not arg.startswith("--")]:
-        raise ConfigError(f"unexpected argument {bad[0]!r}: use --key=value")
+        raise RunError(f"unexpected argument {bad[0]!r}: use --key=value")
     overrides = dict(arg[2:].partition("=")[::2] for arg in argv)   # {key: value}
     preset = overrides.pop("preset", None if "init_from" in overrides else "cpu")
     if preset not in (None, *PRESETS):
-        raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        raise RunError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     given = {}
     for key, text in overrides.items():
         if key not in DEFAULTS:
-            raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
+            raise RunError(f"unknown config key --{key} (python train.py --help lists them)")
         kind = type(DEFAULTS[key])                              # a string as the default's type
         try:
             given[key] = TRUTH[text.lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
             expected = "true or false" if kind is bool else kind.__name__
-            raise ConfigError(f"--{key} expects {expected}, got {text!r}") from None
+            raise RunError(f"--{key} expects {expected}, got {text!r}") from None
     settings = dict(PRESETS.get(preset, {}))
     if given.get("init_from"):    # the pretrained model's config and sampler, not a preset's
         net, sampler = pretrained(given["init_from"])
         fields = asdict(net.cfg)
         if clash := [k for k in ARCHITECTURE if k in given and given[k] != fields[k]]:
-            raise ConfigError(f"--{clash[0]}={given[clash[0]]} does not fit --init_from's weights "
-                              f"({clash[0]}={fields[clash[0]]}): drop it")
+            raise RunError(f"--{clash[0]}={given[clash[0]]} does not fit --init_from's weights "
+                           f"({clash[0]}={fields[clash[0]]}): drop it")
         settings |= fields | sampler
     settings |= given
     tc = TrainConfig(**{k: settings[k] for k in asdict(TrainConfig()) if k in settings})
@@ -168,26 +163,24 @@ def parse_args(argv):
 ARCHITECTURE = ("n_layer n_head n_embd embed_dim bottleneck_dim vocab_size n_mode_tokens "
                 "n_time_tokens n_scale_tokens embedding").split()  # what --init_from's weights fix
 
-@functools.cache
-def pretrained(source):
-    """(model, sampler settings) of the authors' checkpoint, read once: the EMA weights."""
-    return sample.load_checkpoint(source)
+pretrained = functools.cache(sample.load_checkpoint)  # --init_from: (model, sampler), read once
+
+QUICK_START = {k: v for c in parse_args([]) for k, v in asdict(c).items()}  # python train.py's
 
 def usage():
-    """--help: each field, its default and the comment beside it in the source; then the presets."""
-    text = [__doc__.strip(), "", "Fields, as --key=default (ELFConfig's are the paper's ELF-B):"]
+    """--help: each field's value in python train.py and the paper's recipe, and its comment."""
+    paper = {k: v for c in parse_args(["--preset=elf-b-owt"]) for k, v in asdict(c).items()}
+    text = [__doc__.strip(), "\nFields (--key=value): the value in python train.py, in the paper's "
+            f"ELF-B recipe, and what it is.\n  {'--key':<22}{'train.py':<17}{'elf-b-owt':<13}"]
     for line in (inspect.getsource(TrainConfig) + inspect.getsource(ELFConfig)).splitlines():
         code, _, comment = line.partition("#")                 # no default holds a '#'
         name = code.split(":")[0].strip()
         if name in DEFAULTS:
-            text.append(f"  --{name}={DEFAULTS[name]}".ljust(29) + " " + comment.strip())
+            row = f"  --{name:<20}{QUICK_START[name]!s:<17}{paper[name]!s:<13}"
+            text.append(textwrap.fill(comment.strip(), 100, initial_indent=row,
+                                      subsequent_indent=" " * len(row)) or row)
         elif comment and not code.strip():                      # a section's heading
             text.append("#" + comment)
-    text.append("# sizes and presets (--preset=cpu unless given), set before the --key=value given")
-    for name, values in {**MODEL_SIZES, **PRESETS}.items():
-        words = [f"--{'model' if name in MODEL_SIZES else 'preset'}={name}:"]
-        words += [f"{k}={v}" for k, v in values.items()]
-        text.append(textwrap.fill(" ".join(words), 100, subsequent_indent="    "))
     return "\n".join(line.rstrip() for line in text)
 
 # Data: block_size windows of memmapped llm.c shards; paired data (--pairs): whole examples.
@@ -199,20 +192,20 @@ def open_shards(tc, mc, split):
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}  # none: GPT-2 tokens
     paired = meta.get("pairs", False)
     if paired and (n := meta["block_size"]) != mc.block_size:
-        raise ConfigError(f"{folder} has pairs of {n} tokens: pass --block_size={n}")
+        raise RunError(f"{folder} has pairs of {n} tokens: pass --block_size={n}")
     shards = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
         head = np.fromfile(path, dtype="<i4", count=256)    # magic, version, token count, zeros
         if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
-            raise ConfigError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
+            raise RunError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
         if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
-            raise ConfigError(f"{path}: truncated (shorter than its header); rerun prepare_data.py")
+            raise RunError(f"{path}: truncated (shorter than its header); rerun prepare_data.py")
         shards.append((path, int(head[2])))
     if not shards:
-        raise ConfigError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
-                          "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
+        raise RunError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
+                       "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
     if max(n for _, n in shards) < mc.block_size + (not paired or "source_length" in meta):
-        raise ConfigError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
+        raise RunError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
     return shards, meta
 
 def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
@@ -226,8 +219,8 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     data = {i: np.memmap(shards[i][0], np.uint16, "r", HEADER_BYTES) for i in set(which)}
     tokens = np.stack([data[i][s:s + block_size] for i, s in zip(which, starts)])
     if tokens.max() >= vocab_size:                   # damaged data, or another tokenizer's
-        raise ConfigError(f"{shards[which[tokens.max(1).argmax()]][0]}: token id {tokens.max()} "
-                          f">= vocab_size {vocab_size}; re-run prepare_data.py")
+        raise RunError(f"{shards[which[tokens.max(1).argmax()]][0]}: token id {tokens.max()} "
+                       f">= vocab_size {vocab_size}; re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
 def condition_masks(tokens, meta):
@@ -243,15 +236,10 @@ def condition_masks(tokens, meta):
 def keep_log_until(path, last_iter, say):
     """log.jsonl's rows to the checkpoint's iteration: a killed run logged past it, maybe torn."""
     lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-            kept += [row] if row["iter"] <= last_iter else []
-        except (ValueError, KeyError, TypeError):              # a torn or malformed line: dropped
-            pass
+    row = re.compile(r'\{"iter": (\d+)(, .*)?\}\n')   # as json.dumps wrote it; torn: no match
+    kept = [line for line in lines if (m := row.fullmatch(line)) and int(m[1]) <= last_iter]
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in kept)
+        f.writelines(kept)
     os.replace(path + ".tmp", path)                         # like checkpoints: whole or not at all
     if dropped := len(lines) - len(kept):
         say(f"{path}: kept {len(kept)} rows, dropped {dropped} torn or past iteration {last_iter}")
@@ -259,12 +247,7 @@ def keep_log_until(path, last_iter, say):
 def init_distributed(tc):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs."""
     if "RANK" not in os.environ:
-        have = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
-        auto = next(d for d in have if have[d])
-        device = torch.device(auto if tc.device == "auto" else tc.device)
-        if have[device.type] <= (device.index or 0):
-            raise ConfigError(f"no device {tc.device} here: use --device=auto or --device=cpu")
-        return 0, 1, device
+        return 0, 1, sample.pick_device(tc.device)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if gpu else torch.device("cpu")
     if gpu:
@@ -277,7 +260,7 @@ class Trainer:
 
     def __init__(self, tc, mc, device, rank=0, world=1, meta=None):
         if tc.grad_accum % world:
-            raise ConfigError(f"grad_accum {tc.grad_accum} must be a multiple of {world} processes")
+            raise RunError(f"grad_accum {tc.grad_accum} must be a multiple of {world} processes")
         self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
         self.accum = tc.grad_accum // world                     # micro-batches per process
         self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
@@ -297,10 +280,17 @@ class Trainer:
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         self.iter, self.meta = 0, meta or {}                    # the data's meta.json
+        self.ckpt_path, self.log_file = os.path.join(tc.out_dir, "ckpt.pt"), None
+
+    def log(self, text, row=None):
+        """Rank 0 prints the line and writes its numbers as a JSON row of out_dir/log.jsonl."""
+        if self.rank == 0:
+            print(text)
+            if row:
+                print(json.dumps(row), file=self.log_file)
 
     def step(self, shards):
-        """One step on shards (None: random tokens): (loss, mse, ce) and the gradient norm, as
-        device tensors; nothing here waits for the GPU."""
+        """One step on shards (None: random tokens): (loss, mse, ce), grad norm; no GPU sync."""
         tc = self.tc
         for group in [group for opt in self.optimizers for group in opt.param_groups]:
             group["lr"] = elf.lr_at(self.iter, tc)
@@ -338,10 +328,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, shards):
-        """The objective on val with the EMA weights and fixed randomness (comparable over time)."""
-        losses = [self.micro_batch_loss(self.ema, shards, 0, 0, i)[0]
-                  for i in range(self.tc.eval_iters)]
-        return torch.stack(losses).mean().item()               # one host sync for the evaluation
+        """The val objective (EMA weights, fixed randomness: comparable in time); a few samples."""
+        tc, ema = self.tc, self.ema
+        val = torch.stack([self.micro_batch_loss(ema, shards, 0, 0, i)[0]
+                           for i in range(tc.eval_iters)]).mean().item()  # one host sync
+        self.log(f"iter {self.iter}: val {val:.4f}", dict(iter=self.iter, val=val))
+        gen = torch.Generator(device=self.device).manual_seed(tc.seed)
+        with self.autocast:
+            settings = sample.settings_from(asdict(tc))
+            tokens = sample.generate(ema, tc.num_eval_samples, ema.cfg.block_size, settings, gen)
+        for text in sample.decode_texts(ema, tokens.tolist()):
+            self.log(textwrap.fill(re.sub(r"\s*\n\s*", " / ", text.strip()) or "(blank)", 96,
+                                   initial_indent="  | ", subsequent_indent="  | ", max_lines=3))
 
     def save(self, path):
         # No generator states: the randomness of every step follows from (seed, iteration).
@@ -353,15 +351,15 @@ class Trainer:
 
     def load(self, path):
         if not os.path.exists(path):
-            raise ConfigError(f"no checkpoint at {path}: train first, or drop --resume")
+            raise RunError(f"no checkpoint at {path}: train first, or drop --resume")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no GPU memory spike
         except Exception as e:
-            raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); "
-                              "it is truncated or corrupt") from None
+            raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}); "
+                           "it is truncated or corrupt") from None
         saved, wanted = {**asdict(ELFConfig()), **ckpt["model_config"]}, asdict(self.mc)
         if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
-            raise ConfigError("checkpoint model config differs in " + ", ".join(
+            raise RunError("checkpoint model config differs in " + ", ".join(
                 f"{k} (checkpoint {saved.get(k)!r}, requested {wanted[k]!r})" for k in diff))
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
@@ -369,112 +367,114 @@ class Trainer:
             opt.load_state_dict(state)
         self.iter = ckpt["iter"]
 
+def start(trainer):
+    """Resume or start anew, say the config, open (and return) out_dir/log.jsonl."""
+    tc, mc, log = trainer.tc, trainer.mc, trainer.log
+    ckpt_path, log_path = trainer.ckpt_path, os.path.join(tc.out_dir, "log.jsonl")
+    if tc.resume:
+        trainer.load(ckpt_path)
+        log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
+        if trainer.iter >= tc.max_iters:
+            raise RunError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
+                           f"{tc.max_iters}: raise --max_iters to train on")
+    elif os.path.exists(ckpt_path):
+        log(f"note: {ckpt_path} will be replaced by this new run's (--resume continues it instead)")
+    changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != QUICK_START[k]]
+    log(textwrap.fill("config (what differs from python train.py's, --help's first column): "
+                      + (" ".join(changed) or "none"), 100))
+    log(f"model {tc.init_from or tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M "
+        f"parameters on {trainer.device}; global batch {tc.batch_size} = {trainer.micro} x "
+        f"{trainer.accum} accumulation x {trainer.world} processes, of {mc.block_size} tokens")
+    try:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        if trainer.rank == 0 and tc.resume:
+            keep_log_until(log_path, trainer.iter, log)
+        trainer.log_file = open(log_path if trainer.rank == 0 else os.devnull,
+                                "a" if tc.resume else "w", buffering=1)
+    except OSError:
+        raise RunError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
+    return trainer.log_file
+
+def benchmark(trainer):
+    """--bench: bench_warmup steps, then bench_steps timed; one JSON line of speed and memory."""
+    tc, mc, device, gpu = trainer.tc, trainer.mc, trainer.device, trainer.device.type == "cuda"
+    for _ in range(tc.bench_warmup):
+        trainer.step(None)[0].tolist()                          # waits for each step
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)              # the timed steps' peak
+    t0 = time.perf_counter()
+    for _ in range(tc.bench_steps):
+        totals, _ = trainer.step(None)
+    totals.tolist()                                             # waits for the timed steps
+    tok_s = tc.bench_steps * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
+    peak = elf.peak_flops(device)
+    if trainer.rank == 0:
+        print(json.dumps(dict(
+            bench="train", model=tc.model, block_size=mc.block_size, batch=tc.batch_size,
+            gpu=torch.cuda.get_device_name(device) if gpu else None, tokens_per_s=round(tok_s),
+            peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if gpu else None,
+            step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+            mfu=peak and round(tok_s * elf.flops_per_token(mc) / (peak * trainer.world), 4))))
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         return print(usage())
     tc, mc = parse_args(argv)
     rank, world, device = init_distributed(tc)
-    master = rank == 0 and not tc.bench  # rank 0 alone logs, evaluates and saves (--bench: none)
-    log = print if master else (lambda *a, **k: None)
-    if tc.bench:            # the loop below on random tokens, timing the steps after bench_warmup
-        tc = replace(tc, max_iters=tc.bench_warmup + tc.bench_steps, resume=False)
-        train_shards, val_shards, meta = None, None, {}
-    else:
-        train_shards, meta = open_shards(tc, mc, "train")
-        val_shards, _ = open_shards(tc, mc, "val")
-    mc = elf.config_for_data(mc, meta)
-    trainer = Trainer(tc, mc, device, rank, world, meta)
-    ckpt_path, log_path = os.path.join(tc.out_dir, "ckpt.pt"), os.path.join(tc.out_dir, "log.jsonl")
-    if tc.resume:
-        trainer.load(ckpt_path)
-        log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
-        if trainer.iter >= tc.max_iters:
-            raise ConfigError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
-                              f"{tc.max_iters}: raise --max_iters to train on")
-    elif os.path.exists(ckpt_path):
-        log(f"note: {ckpt_path} will be replaced by this new run's (--resume continues it instead)")
-    changed = [f"{k}={v}" for k, v in {**asdict(tc), **asdict(mc)}.items() if v != DEFAULTS[k]]
-    log(textwrap.fill("config (what differs from --help's defaults): " + " ".join(changed), 100))
-    log(f"model {tc.init_from or tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M "
-        f"parameters on {device}; global batch {tc.batch_size} = {trainer.micro} x "
-        f"{trainer.accum} accumulation x {world} processes, of {mc.block_size} tokens")
+    previous = {}                                   # the signal handlers before the loop's
     try:
-        if master:
-            os.makedirs(tc.out_dir, exist_ok=True)
-        if tc.resume and master:
-            keep_log_until(log_path, trainer.iter, log)
-        log_file = open(log_path if master else os.devnull, "a" if tc.resume else "w", buffering=1)
-    except OSError:
-        raise ConfigError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
-    stop = []                        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda *_: stop.append(True)) for s in signals}
-    peak, fpt, gpu = elf.peak_flops(device), elf.flops_per_token(mc), device.type == "cuda"
-    t0, it0 = time.perf_counter(), trainer.iter
-    try:
-        while trainer.iter < tc.max_iters:
-            totals, grad_norm = trainer.step(train_shards)
-            it = trainer.iter
-            logging = it % tc.log_interval == 0 or it == tc.max_iters
-            if tc.bench:                                # the timer restarts after the warm-up
-                logging = it in (tc.bench_warmup, tc.max_iters)
-            stopping = bool(stop) and world == 1
-            if world > 1 and logging:                   # the processes agree on when to stop
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            saving = (it % tc.eval_interval == 0 or it == tc.max_iters or stopping) and not tc.bench
-            if logging or saving:                       # a step's only host sync
-                (loss, mse, ce), grad = totals.tolist(), grad_norm.item()
-                if not math.isfinite(loss + grad):      # before any checkpoint is written over
-                    raise ConfigError(f"non-finite loss or gradient at iteration {it}: stopped, "
-                                      "the last good checkpoint is kept (try a lower --lr)")
-            if logging:
-                tok_s = (it - it0) * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
-                mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
-                lr = elf.lr_at(it - 1, tc)                  # the rate the step just taken used
-                log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) "
-                    f"grad {grad:.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}")
-                row = dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s)
-                print(json.dumps(row), file=log_file)
-                t0, it0 = time.perf_counter(), it
-            if tc.bench and gpu and it == tc.bench_warmup:
-                torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak
-            if tc.bench and it == tc.max_iters:         # one JSON line: the timed steps' speed
-                memory = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if gpu else None
-                mfu = round(tok_s * fpt / (peak * world), 4) if peak else None
-                return print(json.dumps(dict(
-                    bench="train", model=tc.model, block_size=mc.block_size, batch=tc.batch_size,
-                    gpu=torch.cuda.get_device_name(device) if gpu else None, peak_mem_gb=memory,
-                    step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
-                    tokens_per_s=round(tok_s), mfu=mfu)))
-            if saving:
-                if master and not stopping:
-                    val = trainer.evaluate(val_shards)
-                    log(f"iter {it}: val {val:.4f}")
-                    print(json.dumps(dict(iter=it, val=val)), file=log_file)
-                    with trainer.autocast:              # samples from the EMA weights
-                        settings = sample.settings_from(asdict(tc))
-                        sample.show(trainer.ema, tc.num_eval_samples, settings, tc.seed)
-                if master:
-                    trainer.save(ckpt_path)
-                t0, it0 = time.perf_counter(), it
-            if stopping:
-                log(f"interrupted: checkpoint of iteration {it} written to {ckpt_path}; "
-                    "continue with the same command plus --resume")
-                break
+        if tc.bench:                            # random tokens: no data, no log, no checkpoint
+            return benchmark(Trainer(tc, elf.config_for_data(mc, {}), device, rank, world))
+        (train_shards, meta), (val_shards, _) = (open_shards(tc, mc, s) for s in ("train", "val"))
+        trainer = Trainer(tc, elf.config_for_data(mc, meta), device, rank, world, meta)
+        stop = []                    # Ctrl-C / SIGTERM: the step ends, a checkpoint is saved
+        with start(trainer):         # resumed or new; the returned log.jsonl closes at the end
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, lambda *_: stop.append(True)) for s in signals}
+            t0, it0 = time.perf_counter(), trainer.iter
+            peak, fpt = elf.peak_flops(device), elf.flops_per_token(mc)   # for the MFU
+            while trainer.iter < tc.max_iters:
+                totals, grad_norm = trainer.step(train_shards)
+                it = trainer.iter
+                logging = it % tc.log_interval == 0 or it == tc.max_iters
+                stopping = bool(stop) and world == 1
+                if world > 1 and logging:               # the processes agree on when to stop
+                    flag = torch.tensor([float(bool(stop))], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stopping = bool(flag.item())
+                saving = it % tc.eval_interval == 0 or it == tc.max_iters or stopping
+                if logging or saving:                   # a step's only host sync
+                    (loss, mse, ce), grad = totals.tolist(), grad_norm.item()
+                    if not math.isfinite(loss + grad):  # before a checkpoint is written over
+                        raise RunError(f"non-finite loss or gradient at iteration {it}: stopped, "
+                                       "the last good checkpoint is kept (try a lower --lr)")
+                if logging:                             # tokens/s (and MFU) since the last log
+                    tok_s = (it - it0) * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
+                    mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
+                    lr = elf.lr_at(it - 1, tc)                  # the rate the step just used
+                    trainer.log(f"iter {it}: loss {loss:.4f} (mse {mse:.4f}, ce {ce:.4f}) grad "
+                                f"{grad:.2f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}",
+                                dict(iter=it, loss=loss, mse=mse, ce=ce, lr=lr, tok_s=tok_s))
+                if saving and rank == 0 and not stopping:  # an evaluation (none on a stop)
+                    trainer.evaluate(val_shards)
+                if saving and rank == 0:
+                    trainer.save(trainer.ckpt_path)
+                if logging or saving:                   # evaluations are not counted as steps
+                    t0, it0 = time.perf_counter(), it
+                if stopping:
+                    return trainer.log(f"interrupted: iteration {it} saved to {trainer.ckpt_path}"
+                                       "; the same command with --resume continues it")
     finally:
-        log_file.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if world > 1:
             dist.destroy_process_group()
 
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
+    except RunError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:                                   # Ctrl-C before the training loop
         sys.exit("interrupted before the first step; nothing was saved")

@@ -161,7 +161,7 @@ def test_fine_tuning_starts_from_their_weights(t5_dir, tmp_path, capsys):
     assert ckpt["iter"] == 2 and ckpt["model_config"]["n_time_tokens"] == 3
     sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--num_samples=1", "--steps=2"])
     capsys.readouterr()
-    with pytest.raises(train.ConfigError, match="n_layer"):      # the architecture is theirs
+    with pytest.raises(train.RunError, match="n_layer"):      # the architecture is theirs
         train.parse_args(args + ["--n_layer=3"])
 
 

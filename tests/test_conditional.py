@@ -263,7 +263,7 @@ def test_prepare_pairs_builds_fixed_length_examples(tmp_path, capsys):
 def test_pairs_need_their_own_block_size(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", reverse_pairs(20))
     prepare_data.main(["--pairs", path, "--block_size=12", "--out_dir", str(tmp_path / "data")])
-    with pytest.raises(train.ConfigError, match="pass --block_size=12"):
+    with pytest.raises(train.RunError, match="pass --block_size=12"):
         train.main(
             [
                 "--dataset=p",

@@ -115,27 +115,27 @@ def test_config_overrides_and_presets():
     (["--batch_size=10", "--grad_accum=3"], "not a multiple"),
 ])
 def test_bad_config_is_a_clear_error(args, message):
-    with pytest.raises(train.ConfigError, match=message):
+    with pytest.raises(train.RunError, match=message):
         train.parse_args(args)
 
 
 def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
     paths = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", *TINY]
-    with pytest.raises(train.ConfigError, match="prepare_data.py"):
+    with pytest.raises(train.RunError, match="prepare_data.py"):
         train.main(["--dataset=nothing", *paths])
-    with pytest.raises(train.ConfigError, match="lower --block_size"):
+    with pytest.raises(train.RunError, match="lower --block_size"):
         train.main(["--dataset=one", *paths, "--block_size=64"])
-    with pytest.raises(train.ConfigError, match="no checkpoint"):
+    with pytest.raises(train.RunError, match="no checkpoint"):
         run_train(data_dir, tmp_path / "o", "--resume")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(train.ConfigError, match="not writable"):
+    with pytest.raises(train.RunError, match="not writable"):
         run_train(data_dir, blocker / "out")
     run_train(data_dir, tmp_path / "o", "--max_iters=2", "--eval_interval=2")
-    with pytest.raises(train.ConfigError, match=r"n_layer \(checkpoint 2, requested 3\)"):
+    with pytest.raises(train.RunError, match=r"n_layer \(checkpoint 2, requested 3\)"):
         run_train(data_dir, tmp_path / "o", "--resume", "--n_layer=3")
     (tmp_path / "o" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.ConfigError, match="truncated or corrupt"):
+    with pytest.raises(train.RunError, match="truncated or corrupt"):
         run_train(data_dir, tmp_path / "o", "--resume")
 
 
@@ -239,7 +239,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(random_data_dir, tmp_path, 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(train.ConfigError, match=r"non-finite loss or gradient at iteration \d+"):
+    with pytest.raises(train.RunError, match=r"non-finite loss or gradient at iteration \d+"):
         run_train(data_dir, tmp_path, "--resume", "--max_iters=50", "--eval_interval=50",
                   "--log_interval=5", "--lr=1e30", "--grad_clip=1e30")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
@@ -251,19 +251,19 @@ def test_bad_shards_are_clear_errors(tmp_path):
     base = ["--dataset=bad", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}", *TINY,
             "--max_iters=1"]
     (folder / "train.bin").write_bytes(b"\x01" * 300)                 # the format before shards
-    with pytest.raises(train.ConfigError, match="again if it has train.bin"):
+    with pytest.raises(train.RunError, match="again if it has train.bin"):
         train.main(base)
     train_shard, val_shard = folder / "bad_train_000001.bin", folder / "bad_val_000000.bin"
     write_shard(val_shard, list(range(100)))
     train_shard.write_bytes(b"\x01" * 1500)                            # no header
-    with pytest.raises(train.ConfigError, match=f"{train_shard}: not a token shard"):
+    with pytest.raises(train.RunError, match=f"{train_shard}: not a token shard"):
         train.main(base)
     write_shard(train_shard, list(range(100)))
     train_shard.write_bytes(train_shard.read_bytes()[:-2])            # one token short
-    with pytest.raises(train.ConfigError, match=f"{train_shard}: truncated"):
+    with pytest.raises(train.RunError, match=f"{train_shard}: truncated"):
         train.main(base)
     write_shard(train_shard, [60000] * 200)                           # ids beyond the vocabulary
-    with pytest.raises(train.ConfigError, match="token id 60000 >= vocab_size"):
+    with pytest.raises(train.RunError, match="token id 60000 >= vocab_size"):
         train.main(base)
 
 
