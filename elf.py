@@ -556,7 +556,7 @@ def lr_at(it, tc):
     return tc.lr
 
 # ----------------------------------------------------------------------------------------------
-# The authors' released checkpoints (README: Sample from the paper's ELF-B): their format, read
+# The authors' released checkpoints (README: The paper's released models): their format, read
 # into this file's ELF. What a checkpoint does not hold comes from their configs, by task name.
 
 AUTHORS_TASKS = {   # task (in the repo or folder name): fields; sampler (the paper's), layout

@@ -69,7 +69,7 @@ class TrainConfig:
     sample_schedule: str = "logit_normal"  # time grid: 'logit_normal' or 'uniform'
 
 PRESETS = {
-    # The quick start: choices measured better at this size (README: Appendix, the quick start)
+    # The quick start: choices measured better at this size (README: A. The quick start's recipe)
     "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0, t_mean=-1.9,
                 lr_schedule="cosine", min_lr=1e-4, sampler="ode", sample_schedule="uniform"),
     # The paper's ELF-B on OpenWebText: ~5 epochs of 512 x 1024 tokens (README: On a GPU)
@@ -266,7 +266,7 @@ class Trainer:
         self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
         torch.manual_seed(tc.seed)                              # the same weights on every rank
         self.model = ELF(mc)
-        if tc.init_from:                          # fine-tuning (README: Sample from ... ELF-B)
+        if tc.init_from:                 # fine-tuning (README: The paper's released models)
             self.model.load_state_dict(pretrained(tc.init_from)[0].state_dict())
         self.model.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)

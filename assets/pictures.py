@@ -28,7 +28,7 @@ COLORS = dict(data="#dbe9f6", noise="#fde7c8", nograd="#eeeeee", net="#d9f0d3", 
 # From a trained model
 
 def loss_curve(log_path, png_path):
-    """The training log's loss, mse, ce and val over the iterations (README: The first run)."""
+    """The training log's loss, mse, ce and val over the iterations (README: A first run)."""
     rows = [json.loads(line) for line in open(log_path)]
     ax = Figure(figsize=(7, 4)).subplots()
     for key in ("loss", "mse", "ce", "val"):

@@ -1,4 +1,4 @@
-"""The authors' released checkpoints (README: Sample from the paper's ELF-B). fixtures/authors/ was
+"""The authors' released checkpoints (README: The paper's released models). fixtures/authors/ was
 made by running their own PyTorch code (fixtures/make_authors_fixture.py; the commit is in
 fixtures/authors/COMMIT) on a small model with every tensor random: their checkpoint file, their
 outputs on fixed inputs, a run of their sampler, one training step, and the names and shapes of

@@ -1,5 +1,5 @@
-"""The paper's conditional tasks (README: Conditional benchmarks): the authors' paired layout
-(source cut to a length, target, end-of-text padding), its masks, their conditional sampler, and
+"""The authors' paired layout (README: The paper's conditional tasks): source cut to a length,
+target, end-of-text padding; its masks, their conditional sampler, and
 the scores (exact match, BLEU, ROUGE). fixtures/authors/expected_pairs.pt was made by running the
 authors' own code on two pairs (fixtures/make_authors_fixture.py; the commit is beside it)."""
 import json
