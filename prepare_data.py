@@ -1,24 +1,26 @@
 """Tokenize text into token shards (GPT-2 BPE unless --tokenizer) for ELF: streamed, on all cores.
-    python prepare_data.py                                       # Tiny Shakespeare (downloaded)
-    python prepare_data.py --input notes.txt books/ web.jsonl.gz --name mix
-    python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT
-    python prepare_data.py --pairs pairs.jsonl --block_size 64   # {"source": ..., "target": ...}
-    python prepare_data.py --pairs wmt14 --hf_config de-en --source_field translation.de \
-        --target_field translation.en --source_length 64 --block_size 128 --tokenizer t5-small
+No arguments: Tiny Shakespeare (downloaded); --input files and folders, --hf_dataset a Hugging Face
+dataset, --pairs paired examples. Writes data/NAME/: shards and meta.json (README: Data at scale),
+over an earlier dataset only once whole; an end-of-text token ends every non-blank document."""
+import signal
+import sys
 
-Writes data/NAME/NAME_val_000000.bin, NAME_train_000001.bin, ... (llm.c's shards), meta.json; the
-end-of-text token follows every document (a .txt file, a JSON line, a dataset row)."""
+if __name__ == "__main__":  # Ctrl-C or SIGTERM, even while imports load: one line, data kept
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: sys.exit("error: interrupted; the earlier dataset is kept"))
+
 import argparse
 import collections
 import functools
 import gzip
 import itertools
 import json
-import multiprocessing
 import os
-import sys
+import re
+import shutil
 import time
 import urllib.request
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +28,13 @@ import numpy as np
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 CHUNK_CHARS = 1 << 20  # text per tokenizer task; a few tasks per worker in flight bound the memory
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+LAST_CUT = re.compile(r".*[ \t\r\n](?=\S)", re.S)  # the last whitespace that a non-space follows
 
 def fail(msg):  # one clear line on stderr (exit status 1) instead of a traceback
     sys.exit(f"error: {msg}")
 
-def download_shakespeare(out_dir):
-    path = Path(out_dir) / "tinyshakespeare.txt"
-    url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
-           "input.txt")
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(urllib.request.urlopen(url, timeout=30).read())  # read, then written
-    except OSError as e:  # URLError, timeouts and DNS failures are all OSErrors
-        fail(f"could not download Tiny Shakespeare ({e}); pass --input path/to/tinyshakespeare.txt")
-    return path
-
 Tokenizer = collections.namedtuple("Tokenizer", "name encode decode eot n_vocab")
-
 @functools.cache
 def get_tokenizer(name="gpt2"):
     """The tokenizer seam: GPT-2's BPE (tiktoken) or a `transformers` one, by name or folder
@@ -58,11 +49,11 @@ def get_tokenizer(name="gpt2"):
         return Tokenizer(name, functools.partial(hf.encode, add_special_tokens=False),
                          functools.partial(hf.decode, skip_special_tokens=True), hf.eos_token_id,
                          len(hf))
-    except ImportError:
-        fail(f"tokenizer {name} needs the optional `transformers`: pip install transformers")
-    except Exception as e:  # noqa: BLE001 (offline without a cache: a network error deep inside)
-        fail(f"no {name} tokenizer ({type(e).__name__}): " + ("set TIKTOKEN_CACHE_DIR to its "
-             "files' folder" if name == "gpt2" else "fetch it once online, or pass a folder"))
+    except Exception as e:  # noqa: BLE001 (no transformers; offline without a cache: deep inside)
+        fail(f"tokenizer {name} needs the optional `transformers`: pip install transformers" if
+             isinstance(e, ImportError) else f"no {name} tokenizer ({type(e).__name__}): " + (
+                 "set TIKTOKEN_CACHE_DIR to its files' folder" if name == "gpt2" else
+                 "fetch it once online, or pass a folder"))
 
 def header(count):  # llm.c's shards: 256 int32 (magic, version, token count), uint16 tokens
     return np.array([MAGIC, VERSION, count] + [0] * 253, dtype="<i4").tobytes()
@@ -92,27 +83,29 @@ def write_shards(folder, name, parts, size, unit, val_fraction, stats):
             f.write(header(count))
     return train, val
 
-def walk(path):  # the input files of a path one at a time: a file, or a folder's in sorted order
+def walk(path):  # the input files of a path: a file, or a folder's in sorted order (any case)
     if not path.exists():
         fail(f"input path does not exist: {path}")
     yield from [] if path.is_dir() else [path]
-    for root, dirs, names in os.walk(path):         # nothing for a file
+    for root, dirs, names in os.walk(path, followlinks=True):   # nothing for a file
         dirs.sort()                                 # in place: os.walk then visits them in order
-        yield from (Path(root, n) for n in sorted(names) if n.endswith(SUFFIXES))
+        yield from (Path(root, n) for n in sorted(names) if n.lower().endswith(SUFFIXES))
 
 def text_pieces(path, stats):
-    """A text file, however large, in pieces of about CHUNK_CHARS, each cut after a line break
-    between non-blank characters: GPT-2 always splits there, so the tokens are the whole file's."""
+    """A text file of any size or layout in pieces of about CHUNK_CHARS, each cut before the last
+    character of a whitespace run that a non-space follows, where GPT-2 always splits."""
     carry = ""
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_CHARS) + f.readline():  # whole lines, whole UTF-8 characters
+        while chunk := f.read(CHUNK_CHARS):
+            while f.peek(1)[:1] and f.peek(1)[0] & 0xC0 == 0x80:    # whole UTF-8 chars
+                chunk += f.read(1)
             try:
                 text = carry + chunk.decode("utf-8")
             except UnicodeDecodeError as e:
                 fail(f"{path} is not valid UTF-8 (byte offset {f.tell() - len(chunk) + e.start})")
-            stats["bytes"], cut, i = stats["bytes"] + len(chunk), 0, len(text) - 1
-            while not cut and (i := text.rfind("\n", 0, i)) > 0:
-                cut = 0 if text[i - 1].isspace() or text[i + 1].isspace() else i + 1
+            stats["bytes"] += len(chunk)
+            match = LAST_CUT.match(text)                # anchored: one linear scan from the end
+            cut = match.end() - 1 if match else 0
             yield text[:cut], False
             carry = text[cut:]
     yield carry, True
@@ -124,35 +117,32 @@ def field(row, name):  # row["a"]["b"] for name "a.b" (nested fields: WMT14's tr
 
 def jsonl_rows(path, keys, stats):
     """The objects of a .jsonl or .jsonl.gz file, line by line, each with these string fields."""
-    number, start = 0, stats["bytes"]
+    number = 0
     try:
         with open(path, "rb") as raw, (gzip.open(raw) if str(path).endswith(".gz") else raw) as f:
             for number, line in enumerate(f, 1):
-                stats["bytes"] = start + raw.tell()         # read from disk, compressed or not
+                stats["bytes"] += len(line)
                 if not line.strip():
                     continue                                # blank lines are skipped
                 row = json.loads(line)
                 if not all(isinstance(field(row, k), str) for k in keys):
                     fail(f"{path}, line {number}: no string field {' and '.join(keys)} (--help)")
                 yield row
-    except (ValueError, OSError, EOFError) as e:      # no file, bad JSON or UTF-8, a damaged .gz
+    except Exception as e:  # noqa: BLE001 (no file, bad JSON or UTF-8, a damaged .gz: one line)
         fail(f"{path}, line {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 def hf_rows(name, config, split, keys, stats):  # a Hugging Face dataset's rows, streamed
     try:
         import datasets
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
-    except ImportError:
-        fail("a Hugging Face dataset needs the optional `datasets` package: pip install datasets")
-    except Exception as e:  # noqa: BLE001 (unknown names, network, configs: many kinds)
-        fail(f"could not open dataset {name} ({type(e).__name__}: {str(e).splitlines()[0]})")
-    for row in rows:
-        if not all(isinstance(field(row, k), str) for k in keys):
-            fail(f"dataset {name!r} has no text field {' and '.join(keys)} (--help)")
-        stats["bytes"] += sum(len(field(row, k)) for k in keys)
-        yield row
+        for row in datasets.load_dataset(name, config, split=split, streaming=True):
+            if not all(isinstance(field(row, k), str) for k in keys):
+                fail(f"dataset {name!r} has no text field {' and '.join(keys)} (--help)")
+            yield row
+    except Exception as e:  # noqa: BLE001 (no `datasets`, unknown names, network, a corrupt file)
+        fail("a Hugging Face dataset needs the optional `datasets` package: pip install datasets"
+             if isinstance(e, ImportError) else f"could not read dataset {name} ({e!r:.200})")
 
-def batches(pieces, stats, total_bytes):  # non-blank pieces, about CHUNK_CHARS at a time
+def batches(pieces, stats):  # non-blank pieces, about CHUNK_CHARS at a time; progress each 10 s
     batch, chars, shown = [], 0, time.perf_counter()
     for text, ends in pieces:
         if text.strip():                            # blank documents are left out
@@ -163,7 +153,7 @@ def batches(pieces, stats, total_bytes):  # non-blank pieces, about CHUNK_CHARS 
             batch, chars = [], 0
         if time.perf_counter() > shown + 10:
             shown = time.perf_counter()
-            print(progress(stats, total_bytes), flush=True)
+            print(progress(stats), flush=True)
     yield batch
 
 def encode(tokenizer, batch):  # a literal "<|endoftext|>" in the text stays text
@@ -172,25 +162,20 @@ def encode(tokenizer, batch):  # a literal "<|endoftext|>" in the text stays tex
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16)
 
 def tokenize(batches, workers, tokenizer):
-    """Each batch's tokens, in order; the next window is read here while the last one runs."""
-    encode_batch = functools.partial(encode, tokenizer)
-    with multiprocessing.Pool(workers) as pool:
-        running = pool.map_async(encode_batch, [])
-        while window := list(itertools.islice(batches, 2 * workers)):
-            done, running = running, pool.map_async(encode_batch, window)
-            yield from done.get()
-        yield from running.get()
+    """Each batch's tokens, in order, encoded by the workers a window of batches at a time."""
+    ignore = (signal.SIGINT, signal.SIG_IGN)                # Ctrl-C is this process's
+    with ProcessPoolExecutor(workers, initializer=signal.signal, initargs=ignore) as pool:
+        while window := list(itertools.islice(batches, 2 * workers)):  # bounded memory
+            yield from pool.map(functools.partial(encode, tokenizer), window)
 
-def progress(stats, total=0):
+def progress(stats):
     seconds, megabytes = time.perf_counter() - stats["start"], stats["bytes"] / 1e6
-    eta = f", ETA {(total / 1e6 / megabytes - 1) * seconds / 60:.1f} min" if total else ""
     return (f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {megabytes:,.1f} MB in "
-            f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s{eta})")
+            f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s)")
 
-def pair_examples(rows, args, stats, tok, texts=os.devnull):
-    """Paired examples of block_size tokens (README: Conditions), cuts counted in stats: source,
-    end-of-text, target, end-of-text padding; the authors' (--source_length): the source cut to it,
-    the target, padding, stored after the source's length. Texts: their JSON lines, written."""
+def pair_examples(rows, args, stats, tok, texts):
+    """Paired examples of block_size tokens, cuts counted (README: Conditions): source, end-of-text,
+    target, padding; or (--source_length) the source's length, the source cut to it, target, pad."""
     block_size, cut = args.block_size, args.source_length
     with open(texts, "w") as out:
         for row in rows:
@@ -208,6 +193,7 @@ def pair_examples(rows, args, stats, tok, texts=os.devnull):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.error = lambda message: fail(f"{message} (see --help)")      # one line, no usage dump
     ap.add_argument("--input", nargs="+", help=f"{'/'.join(SUFFIXES)} files, folders of them")
     ap.add_argument("--hf_dataset", help="a Hugging Face dataset, streamed (pip install datasets)")
     ap.add_argument("--hf_config", help="its configuration, e.g. sample-10BT")
@@ -233,48 +219,62 @@ def main(argv=None):
     evaluation = args.split != "train"                      # an evaluation set: all in val
     if (tok := get_tokenizer(args.tokenizer)).n_vocab > 2**16:
         fail(f"{tok.name} has {tok.n_vocab:,} tokens: more than uint16 shards hold")
-    if not (args.pairs or args.hf_dataset or args.input):
-        args.input = [str(download_shakespeare(args.out_dir))]  # the quick start's text
+    if not (args.pairs or args.hf_dataset or args.input):     # the quick start's text, once
+        args.input = [Path(args.out_dir) / "tinyshakespeare.txt"]
+        try:                                                    # read whole, then written
+            if not args.input[0].exists():
+                args.input[0].parent.mkdir(parents=True, exist_ok=True)
+                args.input[0].write_bytes(urllib.request.urlopen(URL, timeout=30).read())
+        except OSError as e:  # URLError, timeouts and DNS failures are all OSErrors
+            fail(f"could not download Tiny Shakespeare ({e}); pass --input tinyshakespeare.txt")
     sources = [args.pairs] if args.pairs else [args.hf_dataset] if args.hf_dataset else args.input
     stats = collections.Counter(start=time.perf_counter())
-    total_bytes = sum(f.stat().st_size for path in args.input or [] for f in walk(Path(path)))
     keys = [args.source_field, args.target_field] if args.pairs else [args.text_field]
     rows = (jsonl_rows(args.pairs, keys, stats) if str(sources[0]).endswith(SUFFIXES[1:]) else
             hf_rows(sources[0], args.hf_config, args.split, keys, stats))  # --input: not read
     pieces = (((field(row, keys[0]), True) for row in rows) if args.hf_dataset
               else (piece for path in args.input or [] for f in walk(Path(path)) for piece in (
                   ((field(row, keys[0]), True) for row in jsonl_rows(f, keys, stats))
-                  if f.name.endswith(SUFFIXES[1:]) else text_pieces(f, stats))))
+                  if f.name.lower().endswith(SUFFIXES[1:]) else text_pieces(f, stats))))
     name = args.name or Path(os.path.abspath(sources[0])).name.split(".")[0]
-    (folder := Path(args.out_dir) / name).mkdir(parents=True, exist_ok=True)
-    texts = folder / "pairs.jsonl" if evaluation else os.devnull   # sample.py --pairs reads it
-    examples = pair_examples(rows, args, stats, tok, texts) if args.pairs else None
-    parts = (tokenize(batches(pieces, stats, total_bytes), args.workers, tok.name) if not args.pairs
-             else (np.uint16(chunk).ravel() for chunk in iter(      # 4,096 examples at a time
-                 lambda: list(itertools.islice(examples, 4096)), [])))
-    for old in [*folder.glob("*_train_*.bin"), *folder.glob("*_val_*.bin")]:
-        old.unlink()                                        # an earlier run's shards
-    size = args.shard_tokens // unit * unit                 # whole examples per shard
-    val_fraction = 1 if evaluation else args.val_fraction
-    train, val = write_shards(folder, name, parts, size, unit, val_fraction, stats)
-    n_train, n_val = (sum(n for _, n in shards) for shards in (train, val))
-    if (n_val if evaluation else min(n_train, n_val)) < max(2, unit):
-        for path, _ in train + val:
-            os.remove(path)
-        fail(f"{n_train} train / {n_val} val tokens, want 2 (or a pair) each: add text or change "
-             "--val_fraction" if n_train else f"no non-blank text in {sources[0]}")
-    meta = {"tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot,
-            "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val,
-            "train_shards": len(train), "sources": list(map(str, sources))}
-    if args.pairs:
-        meta.update(pairs=True, block_size=args.block_size, examples=stats["documents"],
-                    **{k: stats[k] for k in ("cut_sources", "cut_targets", "empty_targets")})
-        meta.update({} if args.source_length is None else {"source_length": args.source_length})
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    empty = f", {stats['empty_targets']} empty targets left out" * bool(stats["empty_targets"])
-    cuts = f" ({stats['cut_sources']} sources, {stats['cut_targets']} targets cut{empty})"
-    print(f"{progress(stats)}{cuts * bool(args.pairs)}: {n_train:,} train tokens in {len(train)} "
-          f"shard(s), {n_val:,} val -> {folder}")
+    if name in ("", ".", "..") or Path(name).name != name:
+        fail(f"--name {name!r} is not a folder name: give one without '/'")
+    work = (folder := Path(args.out_dir) / name) / f".new.{os.getpid()}"  # moved up once whole
+    try:
+        work.mkdir(parents=True)
+        texts = work / "pairs.jsonl" if evaluation else os.devnull  # sample.py --pairs reads it
+        examples = pair_examples(rows, args, stats, tok, texts) if args.pairs else None
+        parts = (tokenize(batches(pieces, stats), args.workers, tok.name)
+                 if not args.pairs else (np.uint16(chunk).ravel() for chunk in iter(  # 4,096
+                     lambda: list(itertools.islice(examples, 4096)), [])))  # examples at a time
+        train, val = write_shards(work, name, parts, args.shard_tokens // unit * unit, unit,
+                                  1 if evaluation else args.val_fraction, stats)  # whole examples
+        n_train, n_val = (sum(n for _, n in shards) for shards in (train, val))
+        if (n_val if evaluation else min(n_train, n_val)) < max(2, unit):
+            fail(f"{n_train} train / {n_val} val tokens, want 2 (or a pair) each: add text or "
+                 "change --val_fraction" if n_train else f"no non-blank text in {sources[0]}")
+        meta = dict(tokenizer=tok.name, vocab_size=tok.n_vocab, eot_token=tok.eot, dtype="uint16",
+                    train_tokens=n_train, val_tokens=n_val, train_shards=len(train),
+                    sources=list(map(str, sources)))
+        if args.pairs:                                  # source_length set: the authors' layout
+            meta |= dict(pairs=True, block_size=args.block_size, source_length=args.source_length,
+                         examples=stats["documents"], **{k: stats[k] for k in (
+                             "cut_sources", "cut_targets", "empty_targets")})
+        (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for old in [*folder.glob("*_train_*.bin"), *folder.glob("*_val_*.bin"),
+                    *folder.glob("meta.json"), *folder.glob("pairs.jsonl")]:   # the earlier dataset
+            old.unlink()
+        for new in work.iterdir():
+            new.replace(folder / new.name)
+    except OSError as e:
+        fail(f"cannot write {e.filename or folder} ({e.strerror}): free space or another --out_dir")
+    except BrokenExecutor:
+        fail("a tokenizer process died (out of memory?): try fewer --workers")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{progress(stats)}: {n_train:,} train tokens in {len(train)} shard(s), {n_val:,} val -> "
+          f"{folder}" + f" ({stats['cut_sources']} sources, {stats['cut_targets']} targets cut, "
+          f"{stats['empty_targets']} empty targets left out)" * bool(args.pairs))
 
 if __name__ == "__main__":
     main()

@@ -227,7 +227,7 @@ def condition_masks(tokens, meta):
     """(tokens, cond, valid) of paired examples (README: Conditions). The source runs to the first
     end-of-text; in the authors' layout its length leads, and padding starts at the next one."""
     eot = tokens == meta["eot_token"]
-    if "source_length" not in meta:
+    if meta.get("source_length") is None:
         return tokens, eot.cumsum(1) <= eot, None
     lengths, tokens, eot = tokens[:, :1], tokens[:, 1:], eot[:, 1:]
     cond = torch.arange(tokens.size(1), device=tokens.device) < lengths
@@ -317,7 +317,7 @@ class Trainer:
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
         host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
         paired, n = self.meta.get("pairs", False), self.mc.vocab_size  # prepare_data.py --pairs
-        size = (self.micro, self.mc.block_size + ("source_length" in self.meta))  # authors': +1
+        size = (self.micro, self.mc.block_size + (self.meta.get("source_length") is not None))
         tokens = (get_batch(shards, *size, host_gen, n, paired) if shards else
                   torch.randint(0, n, size, generator=host_gen))                # --bench
         tokens = elf.to_device(tokens, self.device)

@@ -1,8 +1,11 @@
 import collections
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -253,3 +256,85 @@ def test_train_py_samples_all_shards_of_a_speedrun_folder_in_proportion(tmp_path
     assert abs(share - 984 / (2984 + 984)) < 0.03
     again = train.get_batch(shards, 4000, 16, torch.Generator().manual_seed(0), 50257)
     assert torch.equal(rows, again)                          # deterministic from the generator
+
+
+# ----------------------------------------------------------------------------------------------
+# Sturdy: any layout in bounded pieces, bad input in one line, the earlier dataset never lost
+
+@pytest.mark.parametrize("layout", ["crlf", "paragraphs", "indented", "one_line", "tabs_unicode"])
+def test_any_layout_is_cut_into_bounded_pieces_with_the_whole_files_tokens(tmp_path, monkeypatch,
+                                                                          layout):
+    rng = np.random.default_rng(1)
+    words = ["the", "king's", "queen", "   ", "1999", "é", "名", "!!", "--", "'s", "O"]
+    lines = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(400)]
+    text = {"crlf": "\r\n".join(lines) + "\r\n", "paragraphs": "\n\n\n".join(lines),
+            "indented": "".join("\n  " + line for line in lines), "one_line": " ".join(lines),
+            "tabs_unicode": "\t\u3000".join(lines) + "\n \n"}[layout]
+    (tmp_path / "t.txt").write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 200)
+    pieces = [p for p, _ in prepare_data.text_pieces(tmp_path / "t.txt", collections.Counter())]
+    assert "".join(pieces) == text and max(map(len, pieces)) < 2 * 200     # memory stays flat
+    assert [t for p in pieces for t in ENC.encode_ordinary(p)] == ENC.encode_ordinary(text)
+
+
+def test_a_failed_run_keeps_the_earlier_dataset_and_leaves_nothing_behind(tmp_path, capsys):
+    corpus(tmp_path / "c", 20)
+    args = ["--input", str(tmp_path / "c"), "--out_dir", str(tmp_path), "--name", "d"]
+    prepare_data.main(args)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    (tmp_path / "c" / "zz_bad.txt").write_bytes(b"fine text, then \xff")   # read last
+    err = run_error(capsys, args)
+    assert "zz_bad.txt is not valid UTF-8" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+    (tmp_path / "c" / "zz_bad.txt").unlink()
+    prepare_data.main(args + ["--shard_tokens", "300"])                   # a good run replaces it
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert "d_train_000002.bin" in names and not [n for n in names if n.startswith(".")]
+
+
+def die(tokenizer, batch):  # a tokenizer process killed, as the out-of-memory killer would
+    os._exit(9)
+
+
+def test_bad_places_and_damaged_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    corpus(tmp_path / "c", 5)
+    (tmp_path / "file").write_text("not a folder")
+    good = ["--input", str(tmp_path / "c")]
+    assert "cannot write" in run_error(capsys, good + ["--out_dir", str(tmp_path / "file")])
+    assert "is not a folder name" in run_error(capsys, good + ["--name", "../escaped"])
+    assert not (tmp_path.parent / "escaped").exists()
+    assert "unrecognized arguments: --bogus" in run_error(capsys, good + ["--bogus"])
+    damaged = gzip.compress(b'{"text": "x"}\n' * 50)[:-30] + b"x" * 30
+    (tmp_path / "bad.jsonl.gz").write_bytes(damaged)
+    assert "bad.jsonl.gz, line" in run_error(capsys, ["--input", str(tmp_path / "bad.jsonl.gz"),
+                                                      "--out_dir", str(tmp_path)])
+    monkeypatch.setattr(prepare_data, "encode", die)
+    err = run_error(capsys, good + ["--out_dir", str(tmp_path), "--workers", "2"])
+    assert "a tokenizer process died" in err                              # not a hang
+
+
+def test_upper_case_suffixes_and_linked_folders_are_read(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "b.txt").write_text(DOC2, encoding="utf-8")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "A.TXT").write_text(DOC1, encoding="utf-8")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    prepare_data.main(["--input", str(tmp_path / "in"), "--out_dir", str(tmp_path), "--name", "x"])
+    train, val, _ = load(tmp_path / "x")
+    assert np.concatenate([train, val]).tolist() == expected([DOC1, DOC2])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_says_so_in_one_line_and_keeps_the_dataset(tmp_path, sig):
+    args = [sys.executable, str(SCRIPT), "--input", str(tmp_path / "big.txt"), "--out_dir",
+            str(tmp_path), "--workers=2"]
+    (tmp_path / "big.txt").write_text(DOC1)
+    subprocess.run(args, check=True, capture_output=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "big").iterdir()}
+    (tmp_path / "big.txt").write_text(DOC2 * 200_000)                 # 12 MB: seconds of work
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)                                                    # well into the reading
+    run.send_signal(sig)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 1 and err == "error: interrupted; the earlier dataset is kept\n", err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "big").iterdir()} == before
