@@ -1,11 +1,8 @@
 """Sample from a trained ELF model: the flow from noise to embeddings, then the decode-mode pass
 and an argmax (README: Sampling); fixed text (prompt, blanks, source) is held (README: Conditions).
-
     python sample.py                                  # 4 samples from out/ckpt.pt (EMA weights)
     python sample.py --prompt "ROMEO:" --cfg_scale=2  # continue a prompt (or --prompt_file=FILE)
-    python sample.py --infill "KING: [BLANK:12] my lord."     # fill the blanks between fixed text
-    python sample.py --pairs val.jsonl --steps=64 --sampler=ode --scale=1 --cfg_scale=2
-    python sample.py --eval                           # + entropy and generative perplexity"""
+    python sample.py --infill "KING: [BLANK:12] my lord." --eval   # fill blanks; judge samples"""
 import argparse
 import glob
 import json
@@ -33,23 +30,19 @@ class SamplerConfig:
     schedule: str = "logit_normal"  # the time grid: 'logit_normal' (training's times) or 'uniform'
     cfg_scale: float = 1.0          # classifier-free guidance on the fixed text; 1: off
 
-# ----------------------------------------------------------------------------------------------
 # Generating: the time grid, the SDE/ODE step, the loop, the final argmax; in batches
 
 def time_grid(steps, schedule="logit_normal", cfg=None, generator=None):
-    """t_0 = 0 < ... < t_N = 1. 'uniform', or 'logit_normal': N - 1 sorted draws of the training-
-    time distribution between the endpoints (more steps where training put its effort)."""
+    """t_0 = 0 < ... < t_N = 1: 'uniform', or 'logit_normal' (N - 1 sorted training times)."""
     if schedule == "uniform":
         return torch.linspace(0, 1, steps + 1)
-    device = generator.device if generator is not None else None
-    noise = torch.randn(steps - 1, generator=generator, device=device).cpu()
-    inner = torch.sigmoid(cfg.t_mean + cfg.t_std * noise).sort().values
+    noise = torch.randn(steps - 1, generator=generator, device=getattr(generator, "device", None))
+    inner = torch.sigmoid(cfg.t_mean + cfg.t_std * noise.cpu()).sort().values
     return torch.cat([torch.zeros(1), inner, torch.ones(1)])
 
 def sde_step(denoise_fn, z, x_prev, t, t_next, gamma, noise, cfg):
-    """One step from t to t_next with churn gamma; gamma = 0 is the plain Euler ODE step. Churn
-    first moves back to t_b = alpha t by re-noising, then an Euler step goes from t_b to t_next.
-    denoise_fn(z, t_batch, x_sc) -> x_hat. Returns (z_next, x_hat), x_hat feeding the next x_sc."""
+    """From t to t_next with churn gamma (0: a plain Euler step): back to t_b = alpha t, re-noised,
+    then Euler to t_next. denoise_fn(z, t_batch, x_sc) -> x_hat. Returns (z_next, x_hat)."""
     alpha = min(max(1.0 - gamma * (t_next - t), 0.0), 1.0)
     t_b = alpha * t
     z_b = alpha * z + (1 - alpha) * cfg.noise_scale * noise if alpha < 1 else z
@@ -97,6 +90,8 @@ def generate_all(model, rows, n, length, settings, batch_size, generator, passes
         k = min(batch_size, n - start)
         cond = condition_tensors(rows[start:start + k], length, generator.device) if rows else ()
         tokens += generate(model, k, length, settings, generator, *cond, **passes).tolist()
+        if n > batch_size:                          # a long run says how far it is
+            print(f"{len(tokens):,} of {n:,} samples", file=sys.stderr, flush=True)
     return tokens
 
 def settings_from(train_config, **given):
@@ -113,7 +108,6 @@ def compiled_passes(model, compile_flag, device):
     denoise, decode = (torch.compile(f, mode=mode) for f in (model.denoise, model.decode))
     return dict(denoise_fn=lambda *a: denoise(*a).clone(), decode_fn=lambda *a: decode(*a).clone())
 
-# ----------------------------------------------------------------------------------------------
 # Judging samples (README: Judging samples): entropy and generative perplexity; pairs' targets
 
 def decode_texts(model, rows):
@@ -143,22 +137,23 @@ def generative_perplexity(samples, judge_name="gpt2-large", device="cpu"):
     try:
         from transformers import AutoModelForCausalLM
         judge = AutoModelForCausalLM.from_pretrained(judge_name).to(device).eval()
-    except ImportError:
-        return print("no generative perplexity (it needs `pip install transformers`): entropy only")
-    except Exception as e:
-        return print(f"no generative perplexity: no judge {judge_name!r} ({type(e).__name__})")
+    except Exception as e:  # noqa: BLE001 (no transformers, no such judge: a note, entropy only)
+        return print("no generative perplexity: " + ("it needs `pip install transformers`" if
+                     isinstance(e, ImportError) else f"no judge {judge_name!r} ({e!r:.80})"))
     total, count = pooled_nll(judge, samples)
     return math.exp(total / max(count, 1))
 
 def judge_samples(texts, args, settings, seconds_per_sample, device, scores=None):
-    """Print, and append to the results file, one JSON line: gen_ppl and entropy (or a pairs'
-    scores), the settings (None: a file's texts). Texts are re-tokenized by GPT-2's BPE."""
+    """One JSON line, printed and appended to the results: gen_ppl and entropy, or pairs' scores."""
     samples = [get_tokenizer("gpt2").encode(text) for text in texts]
-    entropy = sum(unigram_entropy(s) for s in samples) / len(samples)
+    if scores is None and not any(samples):         # nothing to judge (not a perfect score)
+        sys.exit(f"error: all {len(samples)} samples are empty: nothing to judge")
+    entropy = sum(unigram_entropy(s) for s in samples if s) / max(1, sum(map(bool, samples)))
     gen_ppl = generative_perplexity(samples, args.judge, device) if scores is None else None
     summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4), **scores or {},
-                   n=len(samples), judge=args.judge, **(asdict(settings) if settings else {}),
-                   s_per_sample=seconds_per_sample, source=args.samples or args.ckpt)
+                   n=len(samples), empty=samples.count([]), judge=args.judge,
+                   **(asdict(settings) if settings else {}), s_per_sample=seconds_per_sample,
+                   source=args.samples or args.ckpt)
     print(json.dumps(summary))
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")
@@ -180,27 +175,12 @@ def score_pairs(texts, pairs):
     print(", ".join(f"{k} {v:.1f}" for k, v in scores.items()) + f" over {len(refs)} pairs")
     return scores
 
-# ----------------------------------------------------------------------------------------------
 # The command line: load, templates, generate in batches, write, judge; or --bench
-
-def bench(model, length, settings, args, gen, passes):
-    """One warm-up batch (compilation, CUDA graphs), then timed batches; prints one JSON line."""
-    for i in range(args.bench_batches + 1):
-        if i == 1:
-            t0 = time.perf_counter()                 # the clock starts after the warm-up batch
-        generate_all(model, None, args.batch_size, length, settings, args.batch_size, gen, passes)
-    s = (time.perf_counter() - t0) / args.bench_batches
-    gpu = torch.cuda.get_device_name(gen.device) if gen.device.type == "cuda" else None
-    print(json.dumps(dict(bench="sample", gpu=gpu, device=str(gen.device), **asdict(settings),
-                          n_layer=model.cfg.n_layer, n_embd=model.cfg.n_embd, length=length,
-                          batch=args.batch_size, s_per_batch=round(s, 4),
-                          sequences_per_s=round(args.batch_size / s, 2))))
 
 HUB_ID = re.compile(r"[\w-]+/[\w.-]+(?<!\.pt)")   # owner/name, as on the Hugging Face Hub
 
 def checkpoint_file(source):
-    """The file --ckpt (or train.py's --init_from) names: a file; a folder of the authors' format's
-    checkpoint_<step> files; or a Hugging Face Hub repo id, downloaded first."""
+    """The file --ckpt (or --init_from) names: a file; a folder of checkpoint_<step>; a Hub id."""
     path = source
     if not os.path.exists(source):
         if not HUB_ID.fullmatch(source):
@@ -221,9 +201,8 @@ def checkpoint_file(source):
     return path
 
 def load_checkpoint(source, weights="ema", encoder=None):
-    """(model on the CPU, its train config) from this repo's checkpoint or the authors' (their
-    config: elf.authors_config; their EMA weights unless weights='model'). encoder: a T5 model's
-    encoder and tokenizer (a name or a local folder) instead of the checkpoint's."""
+    """(model on the CPU, its train config) from this repo's checkpoint or the authors' (their EMA
+    weights unless weights='model'); encoder: a T5 encoder and tokenizer to use instead."""
     path = checkpoint_file(source)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -263,16 +242,21 @@ def read_rows(path, key):
 
 def templates(args, pairs, length, tok, cut=None):
     """A row per sample: token ids where the text is fixed, None (and all past the row) generated:
-    --pairs' sources + end-of-text (or, as the authors' layout, cut to `cut` tokens), --prompt, or
-    --infill "a [BLANK:n] b" (n Nones each)."""
+    --pairs' sources + end-of-text (the authors' layout: cut to `cut`), --prompt, --infill."""
     if pairs:
         sources = [tok.encode(pair["source"]) for pair in pairs]
         if cut and (longer := sum(len(source) > cut for source in sources)):
             print(f"note: {longer} of {len(sources)} sources cut to {cut} tokens, as in training")
         rows = [source[:cut] if cut else source + [tok.eot] for source in sources]
     else:
-        text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
+        try:
+            text = args.infill or (args.prompt_file.read() if args.prompt_file else args.prompt)
+        except UnicodeDecodeError:
+            sys.exit(f"error: {args.prompt_file.name} is not UTF-8 text: save it as UTF-8")
         parts = re.split(r" ?\[BLANK:(\d+)\]", text) if args.infill else [text]
+        if "[BLANK" in "".join(parts[::2]) or any(not 0 < int(n[:9]) <= length
+                                                   for n in parts[1::2]):
+            sys.exit(f"error: write each blank as [BLANK:n], n tokens in 1..{length} (--length)")
         rows = [[t for i, part in enumerate(parts)
                  for t in ([None] * int(part) if i % 2 else tok.encode(part))]]
     for row in rows:
@@ -286,13 +270,6 @@ def condition_tensors(rows, length, device):
     ids = torch.tensor(padded, device=device)         # -1 marks the generated positions
     return ids >= 0, ids.clamp(min=0)
 
-def write_samples(texts, pairs, path):
-    """Print the samples and write them as JSON lines {"text"} (--pairs: + the pair's fields)."""
-    with open(path, "w") as f:
-        for i, text in enumerate(texts):
-            print(f"--- sample {i} ---\n{text}")
-            f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
-
 def pick_device(name):
     """--device (train.py's too): 'auto' is cuda, then mps, then cpu; else one this machine has."""
     have = dict(cuda=torch.cuda.device_count(), mps=torch.backends.mps.is_available(), cpu=1)
@@ -302,52 +279,62 @@ def pick_device(name):
         sys.exit(f"error: no device {name} here: use --device=auto or --device=cpu")
     return torch.device(match[0])
 
+def number(kind, low, high):
+    """An argparse type: a `kind` in [low, high) (NaN fails), else argparse's one-line error."""
+    def parse(text):
+        if not low <= (value := kind(text)) < high:     # kind(text) failing: 'invalid int value'
+            raise argparse.ArgumentTypeError(f"must be >= {low} and < {high}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")   # one line, no usage
     p.add_argument("--ckpt", default="out/ckpt.pt", help="a file, a folder or a Hub repo id")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--encoder", help="T5 models: encoder and tokenizer (name or folder) to use")
-    p.add_argument("--num_samples", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
-    p.add_argument("--length", type=int, help="tokens per sample (default: block_size)")
-    p.add_argument("--steps", type=int, help="default: the checkpoint's (paper: 32)")
+    p.add_argument("--num_samples", type=number(int, 1, 10**6), default=4)
+    p.add_argument("--batch_size", type=number(int, 1, 1025), default=64, help="at once")
+    p.add_argument("--length", type=number(int, 1, 2**16), help="default: block_size")
+    p.add_argument("--steps", type=number(int, 1, 10**4), help="default: the checkpoint's")
     p.add_argument("--sampler", choices=["sde", "ode"], help="paper: sde")
-    p.add_argument("--gamma", type=float, help="SDE churn (paper: 1.5)")
-    p.add_argument("--scale", type=float, help="self-conditioning guidance w (paper: 3)")
+    p.add_argument("--gamma", type=number(float, 0, math.inf), help="SDE churn (paper: 1.5)")
+    p.add_argument("--scale", type=number(float, 0, math.inf), help="guidance w (paper: 3)")
     p.add_argument("--schedule", choices=["logit_normal", "uniform"], help="paper: logit_normal")
-    p.add_argument("--cfg_scale", type=float, help="classifier-free guidance (default 1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg_scale", type=number(float, 0, math.inf), help="CFG, default 1: off")
+    p.add_argument("--seed", type=number(int, 0, 2**63), default=0)
     p.add_argument("--out", help="JSON lines output (default: next to the checkpoint)")
     p.add_argument("--device", default="auto", help="'auto' picks cuda, then mps, then cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     fixed = p.add_mutually_exclusive_group()
     fixed.add_argument("--prompt", help="text that every sample starts with and continues")
-    fixed.add_argument("--prompt_file", type=argparse.FileType("r"), help="the prompt, from a file")
+    fixed.add_argument("--prompt_file", type=argparse.FileType(encoding="utf-8"), help="in UTF-8")
     fixed.add_argument("--infill", help='fixed text with blanks to fill: "Before [BLANK:12] after"')
     fixed.add_argument("--pairs", help='JSON lines {"source": ..., "target": ...}: scored targets')
     p.add_argument("--bench", action="store_true", help="time an untrained (or --ckpt) model")
     p.add_argument("--model", default="elf-b", choices=list(MODEL_SIZES), help="--bench size")
-    p.add_argument("--bench_batches", type=int, default=3)
+    p.add_argument("--bench_batches", type=number(int, 1, 10**4), default=3)
     p.add_argument("--eval", action="store_true", help="report entropy and generative perplexity")
     p.add_argument("--samples", help="with --eval: judge the texts of this JSON-lines file")
     p.add_argument("--judge", default="gpt2-large", help="causal LM (transformers) for gen. PPL")
     p.add_argument("--results", help="JSON lines the --eval summary is appended to")
-    args = p.parse_args(argv)
-    for name in ("num_samples", "batch_size", "length", "steps", "bench_batches"):   # counts
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("gamma", "scale", "cfg_scale"):    # scales: finite and non-negative (NaN fails)
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:
-            p.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
-    return args
+    flags = [arg.split("=")[0] for arg in (sys.argv[1:] if argv is None else argv)]
+    if twice := sorted({flag for flag in flags if flag.startswith("--") and flags.count(flag) > 1}):
+        p.error(f"{twice[0]} is given twice: keep one")
+    return p.parse_args(argv)
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     out_dir = os.path.dirname(args.samples or args.ckpt) or "."
     args.results = args.results or os.path.join(out_dir, "results.jsonl")
+    out = args.out or os.path.join(out_dir, "samples.jsonl")
+    for path in [args.results] * args.eval + [out] * (not args.samples and not args.bench):
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            sys.exit(f"error: cannot write {path} ({e.strerror}): pass another --out or --results")
     if args.samples:                                 # judge texts made earlier: no model needed
         texts = [row["text"] for row in read_rows(args.samples, "text")]
         return judge_samples(texts, args, None, None, device)
@@ -362,18 +349,32 @@ def main(argv=None):
     passes = compiled_passes(model, args.compile, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast, torch.no_grad():
-        if args.bench:
-            return bench(model, length, settings, args, gen, passes)
+        if args.bench:                  # untimed: a warm-up batch (compilation, CUDA graphs)
+            generate_all(model, None, args.batch_size, length, settings, args.batch_size, gen,
+                         passes)
+            n = args.batch_size * args.bench_batches
         t0 = time.perf_counter()
         tokens = generate_all(model, rows, n, length, settings, args.batch_size, gen, passes)
-        seconds = time.perf_counter() - t0
-    out = args.out or os.path.join(out_dir, "samples.jsonl")
+        seconds = time.perf_counter() - t0              # tolist() above waited for the device
+    if args.bench:                                      # one JSON line: the timed batches' speed
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        return print(json.dumps(dict(
+            bench="sample", gpu=gpu, device=str(device), **asdict(settings), length=length,
+            n_layer=model.cfg.n_layer, n_embd=model.cfg.n_embd, batch=args.batch_size,
+            s_per_batch=round(seconds / args.bench_batches, 4),
+            sequences_per_s=round(n / seconds, 2))))
     texts = decode_texts(model, [row[len(t):] for row, t in zip(tokens, rows)] if pairs else tokens)
-    write_samples(texts, pairs, out)
+    with open(out, "w") as f:                       # the samples, printed and as JSON lines
+        for i, text in enumerate(texts):
+            print(f"--- sample {i} ---\n{text}")
+            f.write(json.dumps({**(pairs[i] if pairs else {}), "text": text}) + "\n")
     scores = score_pairs(texts, pairs) if pairs and all("target" in p for p in pairs) else None
     print(f"{n} samples in {seconds:.1f} s ({seconds / n:.3f} s per sample); written to {out}")
     if args.eval:
         judge_samples(texts, args, settings, round(seconds / n, 4), device, scores)
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; nothing written")

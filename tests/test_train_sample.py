@@ -269,11 +269,15 @@ def test_bad_shards_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--num_samples=-2", "--steps=0", "--length=0",
                                  "--bench_batches=0", "--cfg_scale=nan", "--gamma=-1",
-                                 "--scale=inf"])
+                                 "--scale=inf", "--seed=-1", "--seed=99999999999999999999999",
+                                 "--batch_size=100000000", "--num_samples=1e9"])
 def test_sample_arguments_out_of_range_are_one_line_errors(bad, capsys):
-    """Checked before anything is loaded: counts at least 1, scales finite and non-negative."""
+    """Checked before anything is loaded: counts from 1 to a bound, scales finite and non-negative,
+    seeds within 64 bits; a flag given twice is refused."""
     flag = bad.split("=")[0]
-    expected = rf"^error: {flag} must be (at least 1|a finite number >= 0), got .* \(see --help\)$"
+    expected = rf"^error: argument {flag}: (must be >= \S+ and < \S+|invalid int value).*\)$"
     with pytest.raises(SystemExit, match=expected):
         sample.main([bad, "--ckpt=surely/missing.pt"])
+    with pytest.raises(SystemExit, match="^error: --seed is given twice: keep one"):
+        sample.main(["--seed=1", "--ckpt=surely/missing.pt", "--seed=2"])
     assert capsys.readouterr().err == ""
