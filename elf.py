@@ -111,10 +111,9 @@ def frozen_encoder(name):
 @torch.compiler.disable         # the encoder runs as it is: torch.compile traces the rest only
 @torch.no_grad()
 def t5_embedding(name, tokens, cond=None, valid=None, drop=None):
-    """The paper's default x: the frozen encoder's last hidden state of the whole sequence
-    (contextual). As in the authors' code, condition positions attend only to each other, so the
-    fixed text's x is the same in training (clean target beside it) and at sampling (unknown);
-    the others attend to all but padding, and to no condition that CFG dropped."""
+    """The paper's default x: the frozen encoder's last hidden state of the whole sequence. As in
+    the authors' code, condition positions attend only to each other (so a prompt's x is the same
+    in training and sampling), the others to all but padding and a condition that CFG dropped."""
     mask = None                                 # (B, 1, query, key): True where attention goes
     if cond is not None or valid is not None:
         cond = torch.zeros_like(tokens, dtype=torch.bool) if cond is None else cond
@@ -157,9 +156,8 @@ def rope_tables(n_prefix, n_text, head_dim, base=10000.0, device=None):
     return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + head_dim/2) of each head; x is (B, H, T, head_dim). The authors'
-    code pairs adjacent channels (2i, 2i+1): the same rotation up to a fixed reordering of each
-    head's q/k channels, which from_authors applies to their weights (README: The network)."""
+    """Rotate channel pairs (i, i + head_dim/2) of each head of x (B, H, T, head_dim); the authors'
+    pairs (2i, 2i+1) are the same rotation after from_authors reorders q/k (README: The network)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -328,6 +326,16 @@ def draw_condition(cfg, batch, length, generator=None):
     cuts[(torch.arange(6) >= n_cuts) | ~conditioned[:, None]] = length  # cuts at `length`: no-ops
     return (torch.arange(length)[None, :, None] >= cuts[:, None]).sum(-1) % 2 == 1
 
+def condition_masks(tokens, meta):
+    """(tokens, cond, valid) of paired examples (README: Conditions). The source runs to the first
+    end-of-text; in the authors' layout its length leads, and padding starts at the next one."""
+    eot = tokens == meta["eot_token"]
+    if meta.get("source_length") is None:
+        return tokens, eot.cumsum(1) <= eot, None
+    lengths, tokens, eot = tokens[:, :1], tokens[:, 1:], eot[:, 1:]
+    cond = torch.arange(tokens.size(1), device=tokens.device) < lengths
+    return tokens, cond, (eot & ~cond).cumsum(1) == 0
+
 @dataclass
 class Draws:
     """All randomness of one training step. Rows come in three blocks: [0, n_self_cond) self-
@@ -411,11 +419,10 @@ def hold_condition(z, cond, x_cond):
     return z if cond is None else torch.where(cond[..., None], x_cond, z)
 
 def apply_conditions(x, z, draws):
-    """Conditions only (README: Conditions). Condition positions show their clean embedding in z
-    and in x_sc at every t, and are out of the loss; where classifier-free guidance drops an
-    example's condition they show zeros instead. Returns (z, x_cond, in_loss): x_cond, the clean
-    embeddings at shown condition positions and zeros elsewhere, is also every row's x_sc before
-    self-conditioning. Without conditions: z unchanged, x_cond = 0, in_loss = 1."""
+    """Conditions only (README: Conditions): condition positions show their clean embedding in z
+    and x_sc at every t (zeros where CFG drops the condition) and are out of the loss. Returns
+    (z, x_cond, in_loss); x_cond, clean at shown conditions and 0 elsewhere, is every row's x_sc
+    before self-conditioning. Without conditions: z unchanged, x_cond = 0, in_loss = 1."""
     cond = draws.cond
     if cond is None:
         return z, torch.zeros_like(x), x.new_ones(x.shape[:2])
@@ -424,10 +431,9 @@ def apply_conditions(x, z, draws):
     return hold_condition(z, cond, x_cond), x_cond, (~cond).float()
 
 def self_condition(model, z, x_cond, decode, draws):
-    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows [0, n_self_cond), zero
-    on the decode rows (as in the authors' code, conditions too), x_cond (zero but for conditions)
-    on the others. Efficiency: the no-grad pass runs on the self-conditioned rows only. Returns
-    (x_sc, x_no_sc), x_no_sc being that pass's prediction (None without it)."""
+    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows [0, n_self_cond) (that
+    pass runs on them only), zero on decode rows (conditions too, as the authors'), else x_cond.
+    Returns (x_sc, x_no_sc), x_no_sc that pass's prediction (None without it)."""
     n_sc, d = draws.n_self_cond, draws
     n_den = z.size(0) - d.n_decode
     x_cond = torch.cat([x_cond[:n_den], torch.zeros_like(x_cond[n_den:])])  # decode rows: zero
@@ -467,10 +473,9 @@ def decode_loss(model, hidden, tokens, in_loss, n_decode):
     return (ce * in_loss[n_den:].flatten()).sum()
 
 def elf_loss(model, tokens, draws):
-    """The ELF objective for one mixed batch. Returns (loss, mse, ce): loss is (sum of decode-token
-    CE + sum of denoise-token velocity MSE) / number of tokens in the loss (all but conditions);
-    mse and ce are the means over their own tokens. Cost: one no-grad forward on the self-
-    conditioned rows only, then one forward+backward."""
+    """The ELF objective for one mixed batch: (loss, mse, ce), loss = (sum of decode CE + sum of
+    denoise velocity MSE) / tokens in the loss (all but conditions), mse and ce each per its own
+    tokens. Cost: a no-grad forward on the self-conditioned rows, then one forward+backward."""
     d, n_den = draws, tokens.size(0) - draws.n_decode
     x = model.embed(tokens, d.cond, d.valid, d.drop)
     z, decode = model_inputs(model, x, d)                           # line 1
@@ -596,9 +601,8 @@ def authors_config(params, name=""):
     return {**fields, **model_fields}, dict(sampler, task=task)
 
 def from_authors(params, n_head):
-    """Their state dict in this file's names and layouts: decode kernels transposed, control
-    tokens (1, n, C) -> (n, C), and each head's q/k channels reordered from their rotary pairs
-    (2i, 2i+1) to ours (i, i + head_dim/2), which turns the same vectors."""
+    """Their state dict in this file's names and layouts: decode kernels transposed, tokens
+    (1, n, C) -> (n, C), each head's q/k channels reordered from rotary pairs (2i, 2i+1) to ours."""
     state = {}
     for name, p in params.items():
         ours = next((name.replace(a, b) for a, b in AUTHORS_NAMES if a in name), name)

@@ -1,9 +1,15 @@
 """Train ELF on token shards made by prepare_data.py (README: Training objective).
 
     python train.py                               # CPU quick start on data/tinyshakespeare
-    python train.py --preset=elf-b-owt            # the paper's ELF-B recipe (one GPU)
-    python train.py --max_iters=2000 --resume     # any TrainConfig or ELFConfig field; continue
+    python train.py --preset=elf-b-owt --resume   # the paper's ELF-B recipe (one GPU), resumed
     python train.py --bench --model=elf-b         # random tokens: tokens/s and MFU as JSON"""
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch loads, or before the first step
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: sys.exit("interrupted before the first step; nothing saved"))
+
 import copy
 import functools
 import glob
@@ -12,8 +18,6 @@ import json
 import math
 import os
 import re
-import signal
-import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +49,6 @@ class TrainConfig:
     min_lr: float = 2e-4
     warmup_iters: int = 50
     max_iters: int = 1000
-    weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995          # the paper uses 0.9999 on runs of ~95K steps
     # logging, evaluation, checkpoints
@@ -112,7 +115,7 @@ def check(tc, mc):
         test, what = RULE_OF[name]
         if not test(value) and not (name == "vocab_size" and mc.tokenizer != "gpt2"):
             raise RunError(f"--{name} must be {what}, got {value!r}")
-    heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none"
+    heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none (odd)"
     for bad, message in [
         (tc.batch_size % tc.grad_accum,
          f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}: change one"),
@@ -131,6 +134,9 @@ def parse_args(argv):
     if bad := [arg for arg in argv if not arg.startswith("--")]:
         raise RunError(f"unexpected argument {bad[0]!r}: use --key=value")
     overrides = dict(arg[2:].partition("=")[::2] for arg in argv)   # {key: value}
+    keys = [arg[2:].partition("=")[0] for arg in argv]
+    if twice := sorted({key for key in keys if keys.count(key) > 1}):
+        raise RunError(f"--{twice[0]} is given twice: keep one")
     preset = overrides.pop("preset", None if "init_from" in overrides else "cpu")
     if preset not in (None, *PRESETS):
         raise RunError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
@@ -183,23 +189,32 @@ def usage():
             text.append("#" + comment)
     return "\n".join(line.rstrip() for line in text)
 
-# Data: block_size windows of memmapped llm.c shards; paired data (--pairs): whole examples.
-
 def open_shards(tc, mc, split):
-    """([(path, tokens)], meta): the *_{split}_*.bin shards, checked before training starts."""
+    """([(path, tokens)], meta): the *_{split}_*.bin shards and meta.json, checked at the start."""
     folder = os.path.join(tc.data_dir, tc.dataset)
     meta_path = os.path.join(folder, "meta.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}  # none: GPT-2 tokens
+    try:                                            # no meta.json: GPT-2 tokens, not paired
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        meta = {k: v for k, v in meta.items() if v is not None}  # AttributeError: not an object
+        ints = {"vocab_size", "eot_token", "block_size", "source_length"} & meta.keys()
+        if meta.get("pairs") and not {"block_size", "eot_token"} <= ints or any(
+                type(meta[k]) is not int for k in ints):
+            raise ValueError("a field missing or not an integer")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(f"{meta_path}: not prepare_data.py's ({e}); rerun it") from None
     paired = meta.get("pairs", False)
     if paired and (n := meta["block_size"]) != mc.block_size:
         raise RunError(f"{folder} has pairs of {n} tokens: pass --block_size={n}")
     shards = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
-        head = np.fromfile(path, dtype="<i4", count=256)    # magic, version, token count, zeros
+        head = np.fromfile(path, dtype="<i4", count=256) if os.path.isfile(path) else []
         if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
             raise RunError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
         if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
-            raise RunError(f"{path}: truncated (shorter than its header); rerun prepare_data.py")
+            raise RunError(f"{path}: its size does not match its header; rerun prepare_data.py")
+        if split == "val" and (top := np.memmap(path, np.uint16, "r", HEADER_BYTES).max(
+                initial=0)) >= (vocab := meta.get("vocab_size", 50257)):   # else read at evals
+            raise RunError(f"{path}: token id {top} >= the tokenizer's {vocab}; rerun prepare_data")
         shards.append((path, int(head[2])))
     if not shards:
         raise RunError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
@@ -223,27 +238,6 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
                        f">= vocab_size {vocab_size}; re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
-def condition_masks(tokens, meta):
-    """(tokens, cond, valid) of paired examples (README: Conditions). The source runs to the first
-    end-of-text; in the authors' layout its length leads, and padding starts at the next one."""
-    eot = tokens == meta["eot_token"]
-    if meta.get("source_length") is None:
-        return tokens, eot.cumsum(1) <= eot, None
-    lengths, tokens, eot = tokens[:, :1], tokens[:, 1:], eot[:, 1:]
-    cond = torch.arange(tokens.size(1), device=tokens.device) < lengths
-    return tokens, cond, (eot & ~cond).cumsum(1) == 0
-
-def keep_log_until(path, last_iter, say):
-    """log.jsonl's rows to the checkpoint's iteration: a killed run logged past it, maybe torn."""
-    lines = open(path, errors="replace").readlines() if os.path.exists(path) else []
-    row = re.compile(r'\{"iter": (\d+)(, .*)?\}\n')   # as json.dumps wrote it; torn: no match
-    kept = [line for line in lines if (m := row.fullmatch(line)) and int(m[1]) <= last_iter]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)                         # like checkpoints: whole or not at all
-    if dropped := len(lines) - len(kept):
-        say(f"{path}: kept {len(kept)} rows, dropped {dropped} torn or past iteration {last_iter}")
-
 def init_distributed(tc):
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs."""
     if "RANK" not in os.environ:
@@ -262,24 +256,22 @@ class Trainer:
         if tc.grad_accum % world:
             raise RunError(f"grad_accum {tc.grad_accum} must be a multiple of {world} processes")
         self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
-        self.accum = tc.grad_accum // world                     # micro-batches per process
-        self.micro = tc.batch_size // tc.grad_accum             # sequences per micro-batch
+        self.accum, self.micro = tc.grad_accum // world, tc.batch_size // tc.grad_accum  # each
         torch.manual_seed(tc.seed)                              # the same weights on every rank
         self.model = ELF(mc)
         if tc.init_from:                 # fine-tuning (README: The paper's released models)
             self.model.load_state_dict(pretrained(tc.init_from)[0].state_dict())
         self.model.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizers = elf.configure_optimizers(self.model, tc.optimizer, tc.lr, tc.weight_decay)
+        self.optimizers = elf.configure_optimizers(self.model, tc.optimizer, tc.lr)
         use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        # Zeroed, never freed: a step without decode rows gives their head a zero gradient.
-        for p in self.params:
+        for p in self.params:           # zeroed, never freed: a step without decode rows is fine
             p.grad = torch.zeros_like(p) if p.requires_grad else None
-        self.iter, self.meta = 0, meta or {}                    # the data's meta.json
+        self.iter, self.meta, self.rows = 0, meta or {}, []    # meta.json; the log's rows
         self.ckpt_path, self.log_file = os.path.join(tc.out_dir, "ckpt.pt"), None
 
     def log(self, text, row=None):
@@ -287,6 +279,7 @@ class Trainer:
         if self.rank == 0:
             print(text)
             if row:
+                self.rows.append(row)                           # saved with each checkpoint
                 print(json.dumps(row), file=self.log_file)
 
     def step(self, shards):
@@ -307,8 +300,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=False)
-        # EMA with a warm-up (short runs would otherwise average in the random initialisation).
-        decay = min(tc.ema_decay, (1 + self.iter) / (10 + self.iter))
+        decay = min(tc.ema_decay, (1 + self.iter) / (10 + self.iter))  # warm-up: forget the init
         torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         self.iter += 1
         return totals, grad_norm
@@ -316,12 +308,12 @@ class Trainer:
     def micro_batch_loss(self, model, shards, seed, it, index):
         """(loss, mse, ce) of one micro-batch, its data and noise drawn from (seed, it, index)."""
         host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
-        paired, n = self.meta.get("pairs", False), self.mc.vocab_size  # prepare_data.py --pairs
+        paired, n = self.meta.get("pairs", False), self.meta.get("vocab_size", 50257)
         size = (self.micro, self.mc.block_size + (self.meta.get("source_length") is not None))
         tokens = (get_batch(shards, *size, host_gen, n, paired) if shards else
                   torch.randint(0, n, size, generator=host_gen))                # --bench
         tokens = elf.to_device(tokens, self.device)
-        tokens, *masks = condition_masks(tokens, self.meta) if paired else (tokens, None, None)
+        tokens, *masks = elf.condition_masks(tokens, self.meta) if paired else (tokens, None, None)
         draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, *masks)
         with self.autocast:
             return elf.elf_loss(model, tokens, draws)
@@ -341,39 +333,51 @@ class Trainer:
             self.log(textwrap.fill(re.sub(r"\s*\n\s*", " / ", text.strip()) or "(blank)", 96,
                                    initial_indent="  | ", subsequent_indent="  | ", max_lines=3))
 
-    def save(self, path):
-        # No generator states: the randomness of every step follows from (seed, iteration).
+    def save(self):
+        """Into a file of this run's own, then renamed: a crash or full disk keeps the last one."""
         state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(), iter=self.iter,
                      optimizers=[opt.state_dict() for opt in self.optimizers], data=self.meta,
-                     train_config=asdict(self.tc), model_config=asdict(self.mc))
-        torch.save(state, path + ".tmp")        # then renamed: a crash mid-write keeps the last one
-        os.replace(path + ".tmp", path)
+                     train_config=asdict(self.tc), model_config=asdict(self.mc), log=self.rows)
+        tmp = f"{self.ckpt_path}.{os.getpid()}.tmp"
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.ckpt_path)
+        except (OSError, RuntimeError) as e:               # torch says RuntimeError for a full disk
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise RunError(f"cannot write {self.ckpt_path} ({str(e).splitlines()[0]:.60}): free "
+                           "space; the last good checkpoint is kept") from None
 
-    def load(self, path):
-        if not os.path.exists(path):
-            raise RunError(f"no checkpoint at {path}: train first, or drop --resume")
+    def load(self):
+        """Resume from train.py's checkpoint, made with this model config and optimizer."""
+        path, diff = self.ckpt_path, []
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no GPU memory spike
-        except Exception as e:
-            raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}); "
-                           "it is truncated or corrupt") from None
-        saved, wanted = {**asdict(ELFConfig()), **ckpt["model_config"]}, asdict(self.mc)
-        if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
-            raise RunError("checkpoint model config differs in " + ", ".join(
+            saved = {**asdict(ELFConfig()), **ckpt["model_config"], **ckpt.get("train_config", {})}
+            wanted = {**asdict(self.mc), "optimizer": self.tc.optimizer}
+            if not (diff := [k for k in wanted if saved.get(k) != wanted[k]]):
+                self.model.load_state_dict(ckpt["model"])
+                self.ema.load_state_dict(ckpt["ema"])
+                for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
+                    opt.load_state_dict(state)
+                self.iter, self.rows = int(ckpt["iter"]), list(ckpt.get("log", []))
+        except Exception as e:  # noqa: BLE001 (truncated, corrupt, not train.py's: a bare tensor)
+            raise RunError(f"cannot resume from {path} ({type(e).__name__}): it is truncated or "
+                           "corrupt, or not train.py's") from None
+        if diff:
+            raise RunError("checkpoint config differs in " + ", ".join(
                 f"{k} (checkpoint {saved.get(k)!r}, requested {wanted[k]!r})" for k in diff))
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        for opt, state in zip(self.optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        self.iter = ckpt["iter"]
 
 def start(trainer):
     """Resume or start anew, say the config, open (and return) out_dir/log.jsonl."""
     tc, mc, log = trainer.tc, trainer.mc, trainer.log
     ckpt_path, log_path = trainer.ckpt_path, os.path.join(tc.out_dir, "log.jsonl")
+    if os.path.isdir(ckpt_path) or tc.resume and not os.path.exists(ckpt_path):
+        raise RunError(f"no checkpoint file at {ckpt_path}: pass another --out_dir, or train first")
     if tc.resume:
-        trainer.load(ckpt_path)
-        log(f"resumed from {ckpt_path} at iteration {trainer.iter}")
+        trainer.load()
+        log(f"resumed from {ckpt_path} at iteration {trainer.iter}; {log_path}: its "
+            f"{len(trainer.rows)} rows")
         if trainer.iter >= tc.max_iters:
             raise RunError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
                            f"{tc.max_iters}: raise --max_iters to train on")
@@ -383,29 +387,26 @@ def start(trainer):
     log(textwrap.fill("config (what differs from python train.py's, --help's first column): "
                       + (" ".join(changed) or "none"), 100))
     log(f"model {tc.init_from or tc.model}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M "
-        f"parameters on {trainer.device}; global batch {tc.batch_size} = {trainer.micro} x "
-        f"{trainer.accum} accumulation x {trainer.world} processes, of {mc.block_size} tokens")
-    try:
+        f"parameters on {trainer.device}; batch {tc.batch_size} = {trainer.micro} x {trainer.accum}"
+        f" accumulation x {trainer.world} processes, of {mc.block_size} tokens")
+    sample.get_tokenizer(mc.tokenizer)              # an unknown one fails now, not at evaluation
+    try:                                            # log.jsonl: the checkpoint's rows (resumed)
         os.makedirs(tc.out_dir, exist_ok=True)
-        if trainer.rank == 0 and tc.resume:
-            keep_log_until(log_path, trainer.iter, log)
-        trainer.log_file = open(log_path if trainer.rank == 0 else os.devnull,
-                                "a" if tc.resume else "w", buffering=1)
-    except OSError:
-        raise RunError(f"out_dir {tc.out_dir} is not writable: pass another --out_dir") from None
+        trainer.log_file = open(log_path if trainer.rank == 0 else os.devnull, "w", buffering=1)
+        trainer.log_file.writelines(json.dumps(row) + "\n" for row in trainer.rows)
+    except OSError as e:
+        raise RunError(f"cannot write to {tc.out_dir} ({e.strerror}): another --out_dir") from None
     return trainer.log_file
 
 def benchmark(trainer):
     """--bench: bench_warmup steps, then bench_steps timed; one JSON line of speed and memory."""
     tc, mc, device, gpu = trainer.tc, trainer.mc, trainer.device, trainer.device.type == "cuda"
-    for _ in range(tc.bench_warmup):
-        trainer.step(None)[0].tolist()                          # waits for each step
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(device)              # the timed steps' peak
-    t0 = time.perf_counter()
-    for _ in range(tc.bench_steps):
-        totals, _ = trainer.step(None)
-    totals.tolist()                                             # waits for the timed steps
+    for i in range(tc.bench_warmup + tc.bench_steps):
+        if i == tc.bench_warmup:                # the warm-up (compilation) done: the clock starts
+            t0 = time.perf_counter()
+        if i == tc.bench_warmup and gpu:
+            torch.cuda.reset_peak_memory_stats(device)          # the timed steps' peak
+        trainer.step(None)[0].tolist()          # each step waited for: a negligible host sync
     tok_s = tc.bench_steps * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
     peak = elf.peak_flops(device)
     if trainer.rank == 0:
@@ -447,8 +448,8 @@ def main(argv=None):
                 if logging or saving:                   # a step's only host sync
                     (loss, mse, ce), grad = totals.tolist(), grad_norm.item()
                     if not math.isfinite(loss + grad):  # before a checkpoint is written over
-                        raise RunError(f"non-finite loss or gradient at iteration {it}: stopped, "
-                                       "the last good checkpoint is kept (try a lower --lr)")
+                        raise RunError(f"non-finite loss or gradient after iteration {it0}, by {it}"
+                                       ": stopped, the last good checkpoint is kept (lower --lr)")
                 if logging:                             # tokens/s (and MFU) since the last log
                     tok_s = (it - it0) * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
                     mfu = f" mfu {tok_s * fpt / (peak * world):.1%}" if peak else ""
@@ -459,7 +460,7 @@ def main(argv=None):
                 if saving and rank == 0 and not stopping:  # an evaluation (none on a stop)
                     trainer.evaluate(val_shards)
                 if saving and rank == 0:
-                    trainer.save(trainer.ckpt_path)
+                    trainer.save()
                 if logging or saving:                   # evaluations are not counted as steps
                     t0, it0 = time.perf_counter(), it
                 if stopping:
@@ -476,5 +477,3 @@ if __name__ == "__main__":
         main()
     except RunError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:                                   # Ctrl-C before the training loop
-        sys.exit("interrupted before the first step; nothing was saved")

@@ -13,7 +13,7 @@ import torch
 
 import train
 from elf import MODEL_SIZES, ELFConfig, draw_training_noise
-from helpers import write_shard
+from helpers import flags, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
@@ -39,7 +39,7 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--grad_clip=inf"], r"--grad_clip must be finite and > 0, got inf"),
     (["--noise_scale=-1"], r"--noise_scale must be finite and > 0"),
     (["--t_eps=0"], r"--t_eps must be finite and > 0"),
-    (["--weight_decay=-0.1"], r"--weight_decay must be finite and >= 0"),
+    (["--grad_clip=-0.1"], r"--grad_clip must be finite and > 0"),
     (["--t_std=inf"], r"--t_std must be finite and >= 0"),
     (["--t_mean=nan"], r"--t_mean must be finite, got nan"),
     # probabilities
@@ -65,7 +65,8 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--batch_size=10", "--grad_accum=3"], r"batch_size 10 is not a multiple of grad_accum 3"),
     (["--n_head=5"], r"n_embd 192 is not 5 heads of even size: --n_head can be 1, 2, 3, 4, 6, 8,"),
     (["--n_head=64"], r"n_embd 192 is not 64 heads of even size"),       # head size 3: odd
-    (["--n_embd=191", "--n_head=1"], r"--n_head can be none"),
+    (["--n_embd=191", "--n_head=1"], r"--n_head can be none \(odd\)"),
+    (["--lr=1", "--lr=2"], r"--lr is given twice: keep one"),
     (["--cond_prefix_prob=0.6", "--cond_span_prob=0.5"], r"cond_prefix_prob \+ cond_span_prob"),
     (["--guidance_min=6"], r"guidance_min must be <= guidance_max"),
     (["--lr_schedule=cosine", "--min_lr=0.1"], r"min_lr must be <= lr"),
@@ -160,59 +161,29 @@ def data_dir(tmp_path):
 
 
 def run(data_dir, out, *extra):
-    train.main(["--dataset=rand", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *extra])
+    train.main(flags("--dataset=rand", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *extra))
 
 
-def test_resume_keeps_the_log_up_to_the_checkpoint_and_skips_a_torn_line(data_dir, tmp_path,
-                                                                          capsys):
+def test_resume_rewrites_the_log_from_the_checkpoint_dropping_a_dead_runs_rows(data_dir, tmp_path,
+                                                                              capsys):
     run(data_dir, tmp_path, "--max_iters=4")
     log_path = tmp_path / "log.jsonl"
     clean = log_path.read_text()
+    rows = [json.loads(line) for line in clean.splitlines()]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["log"] == rows  # it travels along
     # What a SIGKILL after the checkpoint of iteration 4 leaves: rows past it, and a torn line.
     dead = ['{"iter": 5, "loss": 1.0}', '{"iter": 6, "loss": 1.0}', '{"iter": 6, "val": 1.0}']
     with open(log_path, "a") as f:
         f.write("\n".join(dead) + '\n{"iter": 7, "lo')
     capsys.readouterr()
     run(data_dir, tmp_path, "--max_iters=6", "--resume")
-    out = capsys.readouterr().out
-    assert out.count("dropped") == 1
-    assert "log.jsonl: kept 6 rows, dropped 4 torn or past iteration 4" in out
+    assert f"at iteration 4; {log_path}: its {len(rows)} rows" in capsys.readouterr().out
     text = log_path.read_text()
     assert text.startswith(clean) and text.endswith("\n")
     rows = [json.loads(line) for line in text.splitlines()]
-    train_iters = [r["iter"] for r in rows if "loss" in r]
-    assert train_iters == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["iter"] for r in rows if "val" in r] == [2, 4, 6]
     assert all(r["loss"] != 1.0 for r in rows if "loss" in r)       # the dead run's rows are gone
-    assert not os.path.exists(f"{log_path}.tmp")
-
-
-def test_evaluation_samples_print_as_a_few_short_lines_each(data_dir, tmp_path, capsys,
-                                                             monkeypatch):
-    import sample
-    verse = sample.get_tokenizer("gpt2").encode("Now is the winter of our discontent\n\n" * 30)
-    blank = [198] * 100                                    # an untrained model's newlines
-    rows = [blank, verse[:100], blank[:20] + verse[:9] + blank[:71]]
-    monkeypatch.setattr(sample, "generate", lambda model, n, *a, **k: torch.tensor(rows[:n]))
-    run(data_dir, tmp_path, "--max_iters=2", "--num_eval_samples=3")
-    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  |")]
-    assert shown[0] == "  | (blank)"                       # not 100 lines of "  | "
-    assert shown[1].startswith("  | Now is the winter of our discontent / Now is the winter")
-    assert shown[3].endswith("[...]") and all(len(line) <= 96 for line in shown)  # 3 lines at most
-    assert shown[4:] == ["  | Now is the winter of our discontent"]
-
-
-def test_the_log_reader_alone(tmp_path):
-    path = str(tmp_path / "log.jsonl")
-    said = []
-    train.keep_log_until(path, 10, said.append)
-    assert open(path).read() == "" and said == []                           # no log yet: empty
-    good = [{"iter": 1, "loss": 2.0}, {"iter": 3, "val": 1.5}]
-    lines = [json.dumps(good[0]), "[1, 2]", '{"loss": 1}', json.dumps(good[1]), '{"iter": 4,']
-    open(path, "w").write("\n".join(lines))
-    train.keep_log_until(path, 3, said.append)
-    assert said == [f"{path}: kept 2 rows, dropped 3 torn or past iteration 3"]
-    assert open(path).read() == '{"iter": 1, "loss": 2.0}\n{"iter": 3, "val": 1.5}\n'
 
 
 def test_config_printed_once_and_a_finished_or_replaced_run_is_said(data_dir, tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_the_layout_and_masks_are_theirs(t5_dir, tmp_path, capsys):  # noqa: F81
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["source_length"], meta["val_tokens"], meta["train_tokens"]) == (4, 18, 0)
     rows = np.fromfile(folder / "their_val_000000.bin", "<u2", offset=1024).reshape(2, 9)
-    tokens, cond, valid = train.condition_masks(torch.from_numpy(rows.astype(np.int64)), meta)
+    tokens, cond, valid = elf.condition_masks(torch.from_numpy(rows.astype(np.int64)), meta)
     batch = theirs()["batch"]
     assert torch.equal(tokens, batch["input_ids"])
     assert torch.equal(cond, batch["cond_seq_mask"].bool())
