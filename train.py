@@ -352,7 +352,7 @@ class Trainer:
         """Resume from train.py's checkpoint, made with this model config and optimizer."""
         path, diff = self.ckpt_path, []
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no GPU memory spike
+            ckpt = dict(torch.load(path, map_location="cpu", weights_only=True))  # on the CPU
             saved = {**asdict(ELFConfig()), **ckpt["model_config"], **ckpt.get("train_config", {})}
             wanted = {**asdict(self.mc), "optimizer": self.tc.optimizer}
             if not (diff := [k for k in wanted if saved.get(k) != wanted[k]]):
