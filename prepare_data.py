@@ -29,7 +29,7 @@ MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 CHUNK_CHARS = 1 << 20  # text per tokenizer task; a few tasks per worker in flight bound the memory
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-LAST_CUT = re.compile(r".*[ \t\r\n](?=\S)", re.S)  # the last whitespace that a non-space follows
+LAST_CUT = re.compile(r"(.*[ \t\r\n](?=\S))?", re.S)  # to the last space a non-space follows
 
 def fail(msg):  # one clear line on stderr (exit status 1) instead of a traceback
     sys.exit(f"error: {msg}")
@@ -104,8 +104,7 @@ def text_pieces(path, stats):
             except UnicodeDecodeError as e:
                 fail(f"{path} is not valid UTF-8 (byte offset {f.tell() - len(chunk) + e.start})")
             stats["bytes"] += len(chunk)
-            match = LAST_CUT.match(text)                # anchored: one linear scan from the end
-            cut = match.end() - 1 if match else 0
+            cut = max(LAST_CUT.match(text).end() - 1, 0)  # anchored: one scan back; none: 0
             yield text[:cut], False
             carry = text[cut:]
     yield carry, True
@@ -174,8 +173,8 @@ def progress(stats):
             f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s)")
 
 def pair_examples(rows, args, stats, tok, texts):
-    """Paired examples of block_size tokens, cuts counted (README: Conditions): source, end-of-text,
-    target, padding; or (--source_length) the source's length, the source cut to it, target, pad."""
+    """Examples of block_size tokens (README: Conditions): source, eot, target, padding; or the
+    authors' (--source_length): the source's length, the source cut to it, target, padding."""
     block_size, cut = args.block_size, args.source_length
     with open(texts, "w") as out:
         for row in rows:
@@ -210,13 +209,15 @@ def main(argv=None):
     ap.add_argument("--block_size", type=int, default=64, help="with --pairs: tokens per example")
     ap.add_argument("--source_length", type=int, help="--pairs as the authors: source cut to this")
     ap.add_argument("--tokenizer", default="gpt2", help="gpt2 (tiktoken) or a transformers name")
+    flags = [arg.split("=")[0] for arg in (sys.argv[1:] if argv is None else argv)]
+    if twice := sorted({flag for flag in flags if flag.startswith("--") and flags.count(flag) > 1}):
+        fail(f"{twice[0]} is given twice: keep one")
     args = ap.parse_args(argv)
     unit = args.block_size + (args.source_length is not None) if args.pairs else 1  # never cut
     if not (0 < args.val_fraction < 1 and args.workers > 0 and args.shard_tokens >= unit > 3 * (
             args.pairs is not None) and 0 <= (args.source_length or 0) < args.block_size):
         fail("want 0 < --val_fraction < 1, --workers > 0, --shard_tokens >= --block_size >= 4, "
              "0 <= --source_length < --block_size")
-    evaluation = args.split != "train"                      # an evaluation set: all in val
     if (tok := get_tokenizer(args.tokenizer)).n_vocab > 2**16:
         fail(f"{tok.name} has {tok.n_vocab:,} tokens: more than uint16 shards hold")
     if not (args.pairs or args.hf_dataset or args.input):     # the quick start's text, once
@@ -242,7 +243,7 @@ def main(argv=None):
     work = (folder := Path(args.out_dir) / name) / f".new.{os.getpid()}"  # moved up once whole
     try:
         work.mkdir(parents=True)
-        texts = work / "pairs.jsonl" if evaluation else os.devnull  # sample.py --pairs reads it
+        texts = work / "pairs.jsonl" if (evaluation := args.split != "train") else os.devnull
         examples = pair_examples(rows, args, stats, tok, texts) if args.pairs else None
         parts = (tokenize(batches(pieces, stats), args.workers, tok.name)
                  if not args.pairs else (np.uint16(chunk).ravel() for chunk in iter(  # 4,096
@@ -253,9 +254,8 @@ def main(argv=None):
         if (n_val if evaluation else min(n_train, n_val)) < max(2, unit):
             fail(f"{n_train} train / {n_val} val tokens, want 2 (or a pair) each: add text or "
                  "change --val_fraction" if n_train else f"no non-blank text in {sources[0]}")
-        meta = dict(tokenizer=tok.name, vocab_size=tok.n_vocab, eot_token=tok.eot, dtype="uint16",
-                    train_tokens=n_train, val_tokens=n_val, train_shards=len(train),
-                    sources=list(map(str, sources)))
+        meta = dict(tokenizer=tok.name, vocab_size=tok.n_vocab, eot_token=tok.eot, val_tokens=n_val,
+                    train_tokens=n_train, train_shards=len(train), sources=list(map(str, sources)))
         if args.pairs:                                  # source_length set: the authors' layout
             meta |= dict(pairs=True, block_size=args.block_size, source_length=args.source_length,
                          examples=stats["documents"], **{k: stats[k] for k in (

@@ -115,7 +115,7 @@ def check(tc, mc):
         test, what = RULE_OF[name]
         if not test(value) and not (name == "vocab_size" and mc.tokenizer != "gpt2"):
             raise RunError(f"--{name} must be {what}, got {value!r}")
-    heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none (odd)"
+    heads = ", ".join(str(h) for h in range(1, 65) if mc.n_embd % (2 * h) == 0) or "none: it is odd"
     for bad, message in [
         (tc.batch_size % tc.grad_accum,
          f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}: change one"),

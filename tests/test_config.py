@@ -65,7 +65,7 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
     (["--batch_size=10", "--grad_accum=3"], r"batch_size 10 is not a multiple of grad_accum 3"),
     (["--n_head=5"], r"n_embd 192 is not 5 heads of even size: --n_head can be 1, 2, 3, 4, 6, 8,"),
     (["--n_head=64"], r"n_embd 192 is not 64 heads of even size"),       # head size 3: odd
-    (["--n_embd=191", "--n_head=1"], r"--n_head can be none \(odd\)"),
+    (["--n_embd=191", "--n_head=1"], r"--n_head can be none: it is odd"),
     (["--lr=1", "--lr=2"], r"--lr is given twice: keep one"),
     (["--cond_prefix_prob=0.6", "--cond_span_prob=0.5"], r"cond_prefix_prob \+ cond_span_prob"),
     (["--guidance_min=6"], r"guidance_min must be <= guidance_max"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import types
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,8 @@ def test_round_trip_folder(tmp_path):
     assert meta["train_tokens"] == len(train) == (shard_bytes - 1024) // 2
     assert meta["val_tokens"] == len(val) == int(0.1 * (len(train) + len(val)))
     assert meta["sources"] == [str(src)]
-    kind = (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"])
-    assert kind == ("gpt2", 50257, 50256, "uint16")
+    kind = (meta["tokenizer"], meta["vocab_size"], meta["eot_token"])
+    assert kind == ("gpt2", 50257, 50256)
     header = np.fromfile(out / "x" / "x_val_000000.bin", dtype=np.int32, count=256)
     assert header[:3].tolist() == [20240520, 1, len(val)] and not header[3:].any()
 
@@ -308,6 +309,14 @@ def test_bad_places_and_damaged_inputs_are_one_line_errors(tmp_path, capsys, mon
     (tmp_path / "bad.jsonl.gz").write_bytes(damaged)
     assert "bad.jsonl.gz, line" in run_error(capsys, ["--input", str(tmp_path / "bad.jsonl.gz"),
                                                       "--out_dir", str(tmp_path)])
+    assert "--name is given twice" in run_error(capsys, good + ["--name", "a", "--name", "b"])
+
+    def rows(*args, **kwargs):                        # a dataset with a corrupt file in it
+        yield {"text": DOC1}
+        raise OSError("Parquet magic bytes not found in footer")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=rows))
+    err = run_error(capsys, ["--hf_dataset", "some/set", "--out_dir", str(tmp_path)])
+    assert "could not read dataset some/set (OSError('Parquet magic bytes" in err
     monkeypatch.setattr(prepare_data, "encode", die)
     err = run_error(capsys, good + ["--out_dir", str(tmp_path), "--workers", "2"])
     assert "a tokenizer process died" in err                              # not a hang
