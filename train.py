@@ -205,15 +205,15 @@ def open_shards(tc, mc, split):
     paired = meta.get("pairs", False)
     if paired and (n := meta["block_size"]) != mc.block_size:
         raise RunError(f"{folder} has pairs of {n} tokens: pass --block_size={n}")
-    shards = []
+    shards, vocab = [], meta.get("vocab_size", 50257)  # the tokenizer's: val's ids checked now
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
         head = np.fromfile(path, dtype="<i4", count=256) if os.path.isfile(path) else []
         if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
             raise RunError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
         if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
             raise RunError(f"{path}: its size does not match its header; rerun prepare_data.py")
-        if split == "val" and (top := np.memmap(path, np.uint16, "r", HEADER_BYTES).max(
-                initial=0)) >= (vocab := meta.get("vocab_size", 50257)):   # else read at evals
+        top = np.memmap(path, np.uint16, "r", HEADER_BYTES).max(initial=0) if split == "val" else 0
+        if top >= vocab:                            # (val is read only at the first evaluation)
             raise RunError(f"{path}: token id {top} >= the tokenizer's {vocab}; rerun prepare_data")
         shards.append((path, int(head[2])))
     if not shards:
@@ -269,7 +269,7 @@ class Trainer:
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        for p in self.params:           # zeroed, never freed: a step without decode rows is fine
+        for p in self.params:           # zeroed, never None: steps without decode rows give 0
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         self.iter, self.meta, self.rows = 0, meta or {}, []    # meta.json; the log's rows
         self.ckpt_path, self.log_file = os.path.join(tc.out_dir, "ckpt.pt"), None
