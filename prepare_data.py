@@ -97,7 +97,7 @@ def text_pieces(path, stats):
     carry = ""
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_CHARS):
-            while f.peek(1)[:1] and f.peek(1)[0] & 0xC0 == 0x80:    # whole UTF-8 chars
+            while (byte := f.peek(1)[:1]) and byte[0] & 0xC0 == 0x80:  # whole UTF-8 chars
                 chunk += f.read(1)
             try:
                 text = carry + chunk.decode("utf-8")

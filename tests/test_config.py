@@ -7,13 +7,12 @@ import subprocess
 import sys
 from dataclasses import asdict, fields
 
-import numpy as np
 import pytest
 import torch
 
 import train
 from elf import MODEL_SIZES, ELFConfig, draw_training_noise
-from helpers import flags, write_shard
+from helpers import flags, random_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
@@ -152,12 +151,7 @@ def test_help_shows_what_python_train_py_uses_beside_the_papers_recipe(capsys):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    folder = tmp_path / "data" / "rand"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for shard in ("rand_train_000001.bin", "rand_val_000000.bin"):
-        write_shard(folder / shard, rng.integers(0, 1000, 500))
-    return str(tmp_path / "data")
+    return str(random_dataset(tmp_path / "data" / "rand").parent)
 
 
 def run(data_dir, out, *extra):

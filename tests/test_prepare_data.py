@@ -15,7 +15,7 @@ import pytest
 import tiktoken
 
 import prepare_data
-from helpers import write_shard
+from helpers import wait_for_handlers, write_shard
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prepare_data.py"
 DOC1 = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
@@ -342,6 +342,7 @@ def test_an_interrupted_run_says_so_in_one_line_and_keeps_the_dataset(tmp_path, 
     before = {p.name: p.read_bytes() for p in (tmp_path / "big").iterdir()}
     (tmp_path / "big.txt").write_text(DOC2 * 200_000)                 # 12 MB: seconds of work
     run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_handlers(run)
     time.sleep(0.5)                                                    # well into the reading
     run.send_signal(sig)
     err = run.communicate(timeout=60)[1]

@@ -15,7 +15,7 @@ import torch
 
 import sample
 import train
-from helpers import flags, write_shard
+from helpers import flags, random_dataset, wait_for_handlers, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottleneck_dim=16",
@@ -26,12 +26,7 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--embed_dim=16", "--bottlen
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data" / "d"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for shard in ("d_train_000001.bin", "d_val_000000.bin"):
-        write_shard(folder / shard, rng.integers(0, 1000, 500))
-    return folder
+    return random_dataset(tmp_path / "data" / "d")
 
 
 def run(data, out, *extra):
@@ -116,7 +111,7 @@ def test_token_ids_beyond_the_tokenizers_vocabulary_are_refused(data, tmp_path):
 def test_train_interrupted_before_the_first_step_says_so_in_one_line(sig, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", f"--data_dir={tmp_path}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)                                                    # torch is loading
+    wait_for_handlers(proc)                     # the script's first lines ran; torch loads
     proc.send_signal(sig)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 1 and err == "interrupted before the first step; nothing saved\n"

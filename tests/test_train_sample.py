@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import elf
 import sample
 import train
-from helpers import flags, write_shard
+from helpers import flags, random_dataset, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "To be, or not to be, that is the question.\n"
@@ -183,12 +182,7 @@ def test_benches_print_one_json_line():
 @pytest.fixture
 def random_data_dir(tmp_path):
     """Random tokens, so that every micro-batch sees different windows."""
-    folder = tmp_path / "rdata" / "rand"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for shard in ("rand_train_000001.bin", "rand_val_000000.bin"):
-        write_shard(folder / shard, rng.integers(0, 1000, 2000))
-    return str(tmp_path / "rdata")
+    return str(random_dataset(tmp_path / "rdata" / "rand", n_tokens=2000).parent)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(random_data_dir, tmp_path):
