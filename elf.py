@@ -44,6 +44,7 @@ class ELFConfig:
     decoder_noise_scale: float = 5.0   # s_dec of the decode-step corruption
     decoder_lambda_mean: float = 0.8   # per-token clean fraction lambda = sigmoid(N(mean, std))
     decoder_lambda_std: float = 0.8
+    decode_vocab: int = 0         # > 0: the decode head scores only this many ids (ELF.decode_ids)
     self_cond_prob: float = 0.5   # 0 turns self-conditioning off
     guidance: bool = True         # training-time self-conditioning guidance; False: the ablation
     guidance_min: float = 0.5     # w range; (w + 1) is log-uniform on [1 + min, 1 + max]
@@ -111,9 +112,9 @@ def frozen_encoder(name):
 @torch.compiler.disable         # the encoder runs as it is: torch.compile traces the rest only
 @torch.no_grad()
 def t5_embedding(name, tokens, cond=None, valid=None, drop=None):
-    """The paper's default x: the frozen encoder's last hidden state of the whole sequence. As in
-    the authors' code, condition positions attend only to each other (so a prompt's x is the same
-    in training and sampling), the others to all but padding and a condition that CFG dropped."""
+    """The paper's default x: the frozen encoder's last hidden state. As the authors', conditions
+    attend only to each other (a prompt's x is the same in training and sampling), the other
+    positions to all but padding and a condition that CFG dropped."""
     mask = None                                 # (B, 1, query, key): True where attention goes
     if cond is not None or valid is not None:
         cond = torch.zeros_like(tokens, dtype=torch.bool) if cond is None else cond
@@ -169,15 +170,14 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)  # qk-norm keeps attention logits bounded
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)   # every block linear: a bias
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout                                  # in training only
 
     def forward(self, h, cos, sin):
         B, T, C = h.shape
         q, k, v = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         # Bidirectional and unpadded: no mask at all, so the flash kernel stays eligible.
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout * self.training)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 class SwiGLU(nn.Module):
@@ -195,8 +195,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.n_embd, eps=1e-6)
-        self.norm2 = nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.n_embd, eps=1e-6), nn.RMSNorm(cfg.n_embd, eps=1e-6)
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
 
     def forward(self, h, cos, sin):
@@ -207,7 +206,7 @@ class ELF(nn.Module):
     """The denoiser f(z_t, t, w, x_sc, mode). `forward` returns the final hidden states of the text
     positions; `predict_x` and `decode_logits` are the two heads read off them."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, decode_ids=None):
         super().__init__()
         self.cfg = cfg
         C, d = cfg.n_embd, cfg.embed_dim
@@ -226,7 +225,11 @@ class ELF(nn.Module):
         self.norm_out = nn.RMSNorm(C, eps=1e-6)           # the x_hat head's own final norm
         self.x_head = nn.Linear(C, d)                     # denoise head: hidden -> x_hat
         self.decode_hidden = nn.Linear(C, d)              # decode head: hidden -> d -> vocab
-        self.decode_out = nn.Linear(d, cfg.vocab_size)
+        # Its rows: decode_ids, the decode_vocab ids the data holds (train.py's; 0: all): ~11K/50K
+        n_ids = cfg.decode_vocab or cfg.vocab_size
+        self.decode_out = nn.Linear(d, n_ids)
+        ids = torch.arange(n_ids) if decode_ids is None else torch.as_tensor(decode_ids)
+        self.register_buffer("decode_ids", ids, persistent=bool(cfg.decode_vocab))
         self.n_prefix = cfg.n_mode_tokens + cfg.n_time_tokens + cfg.n_scale_tokens
         self.reset_parameters()
 
@@ -281,7 +284,9 @@ class ELF(nn.Module):
         """Final pass (README: Sampling): decode mode at t = 1, self-conditioning input zero (at
         condition positions too, as in the decode rows of training) -> logits (B, L, vocab)."""
         t = torch.ones(z.size(0), device=z.device)
-        return self.decode_logits(self(z, t, w, torch.zeros_like(z), torch.ones_like(t)))
+        logits = self.decode_logits(self(z, t, w, torch.zeros_like(z), torch.ones_like(t)))
+        vocab = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), -math.inf)
+        return vocab.index_copy_(-1, self.decode_ids, logits)   # ids the head never scores: -inf
 
 # ----------------------------------------------------------------------------------------------
 # The flow (README: The flow): noise at t = 0, data at t = 1, and the velocity between them.
@@ -301,8 +306,7 @@ def noisy_state(x, t, eps, noise_scale):
 
 def corrupt_for_decode(x, lam, eps, decoder_noise_scale):
     """Decode-step corruption per token (README: Training objective): lam x + (1-lam) s_dec eps."""
-    lam = lam[..., None]
-    return lam * x + (1 - lam) * decoder_noise_scale * eps
+    return lam[..., None] * x + (1 - lam[..., None]) * decoder_noise_scale * eps
 
 # ----------------------------------------------------------------------------------------------
 # The randomness of one training step (README: Training objective): roles, t, w, noise, conditions.
@@ -310,8 +314,7 @@ def corrupt_for_decode(x, lam, eps, decoder_noise_scale):
 def sample_guidance_scale(n, cfg, generator=None, device=None):
     """w with (w + 1) log-uniform on [1 + guidance_min, 1 + guidance_max]."""
     lo, hi = math.log(1 + cfg.guidance_min), math.log(1 + cfg.guidance_max)
-    u = torch.rand(n, generator=generator, device=device)
-    return torch.exp(lo + (hi - lo) * u) - 1
+    return torch.exp(lo + (hi - lo) * torch.rand(n, generator=generator, device=device)) - 1
 
 def draw_condition(cfg, batch, length, generator=None):
     """Condition positions (B, L) bool, per example (README: Conditions): none, a clean prefix of
@@ -338,9 +341,8 @@ def condition_masks(tokens, meta):
 
 @dataclass
 class Draws:
-    """All randomness of one training step. Rows come in three blocks: [0, n_self_cond) self-
-    conditioned denoise rows, then plain denoise rows, then the last n_decode decode rows. Windows
-    are i.i.d., so blocks of binomial sizes equal a coin per row, and each block is a slice."""
+    """All randomness of one step. Rows in blocks (i.i.d. windows: binomial block sizes equal a coin
+    per row): [0, n_self_cond) self-conditioned, plain denoise rows, the last n_decode decode."""
     n_self_cond: int
     n_decode: int
     t: torch.Tensor      # (B,) times, 1 for decode rows
@@ -366,15 +368,13 @@ def draw_training_noise(cfg, batch, length, generator=None, device_generator=Non
     eps = torch.randn(batch, length, cfg.embed_dim, generator=device_generator, device=device)
     if cond is None and cfg.cond_prefix_prob + cfg.cond_span_prob > 0:
         cond = to_device(draw_condition(cfg, batch, length, generator), device)
-    drop = None
-    if cond is not None:
-        drop = to_device(torch.rand(batch, generator=generator) < cfg.cond_drop_prob, device)
+    drop = None if cond is None else to_device(
+        torch.rand(batch, generator=generator) < cfg.cond_drop_prob, device)
     t, w = to_device(t, device), to_device(w, device)
     return Draws(n_self_cond, n_decode, t, w, eps, lam, cond, drop, valid)
 
 def to_device(tensor, device):
-    """Host -> device copy that does not wait for the GPU: from pinned memory a CUDA copy is async,
-    from ordinary (pageable) memory it first waits for all queued GPU work."""
+    """Host -> device copy that does not wait for the GPU (one from pageable memory would)."""
     if device is not None and torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -420,9 +420,8 @@ def hold_condition(z, cond, x_cond):
 
 def apply_conditions(x, z, draws):
     """Conditions only (README: Conditions): condition positions show their clean embedding in z
-    and x_sc at every t (zeros where CFG drops the condition) and are out of the loss. Returns
-    (z, x_cond, in_loss); x_cond, clean at shown conditions and 0 elsewhere, is every row's x_sc
-    before self-conditioning. Without conditions: z unchanged, x_cond = 0, in_loss = 1."""
+    and x_sc at every t (zeros where CFG drops it) and are out of the loss. Returns (z, x_cond,
+    in_loss), x_cond every row's x_sc before self-conditioning (clean at shown conditions, or 0)."""
     cond = draws.cond
     if cond is None:
         return z, torch.zeros_like(x), x.new_ones(x.shape[:2])
@@ -431,9 +430,9 @@ def apply_conditions(x, z, draws):
     return hold_condition(z, cond, x_cond), x_cond, (~cond).float()
 
 def self_condition(model, z, x_cond, decode, draws):
-    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows [0, n_self_cond) (that
-    pass runs on them only), zero on decode rows (conditions too, as the authors'), else x_cond.
-    Returns (x_sc, x_no_sc), x_no_sc that pass's prediction (None without it)."""
+    """Line 2: x_sc = stopgrad(f(z, t, w, 0)) on the self-conditioned rows (that pass runs on them
+    only), zero on decode rows (conditions too, as the authors'), else x_cond. Returns (x_sc,
+    x_no_sc), x_no_sc that pass's prediction (None without it)."""
     n_sc, d = draws.n_self_cond, draws
     n_den = z.size(0) - d.n_decode
     x_cond = torch.cat([x_cond[:n_den], torch.zeros_like(x_cond[n_den:])])  # decode rows: zero
@@ -469,7 +468,8 @@ def decode_loss(model, hidden, tokens, in_loss, n_decode):
     in fp32. Efficiency: the decode head (the vocabulary-sized matmul) runs on these rows only."""
     n_den = tokens.size(0) - n_decode
     logits = model.decode_logits(hidden[n_den:]).flatten(0, 1).float()
-    ce = F.cross_entropy(logits, tokens[n_den:].flatten(), reduction="none")
+    targets = torch.searchsorted(model.decode_ids, tokens[n_den:].flatten())  # rows in the head
+    ce = F.cross_entropy(logits, targets, reduction="none")
     return (ce * in_loss[n_den:].flatten()).sum()
 
 def elf_loss(model, tokens, draws):
@@ -519,7 +519,7 @@ def flops_per_token(mc):
     attention = 4 * T * C * T / L
     inputs = 2 * (2 * d * d + d * mc.bottleneck_dim + mc.bottleneck_dim * C + C * d)
     trunk = mc.n_layer * (matmuls + attention) + inputs
-    head = 2 * (C * d + d * mc.vocab_size)
+    head = 2 * (C * d + d * (mc.decode_vocab or mc.vocab_size))
     share_sc = (1 - mc.decoder_prob) * mc.self_cond_prob
     return 3 * trunk + share_sc * trunk + mc.decoder_prob * 3 * head
 

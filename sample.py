@@ -150,10 +150,10 @@ def judge_samples(texts, args, settings, seconds_per_sample, device, scores=None
         sys.exit(f"error: all {len(samples)} samples are empty: nothing to judge")
     entropy = sum(unigram_entropy(s) for s in samples if s) / max(1, sum(map(bool, samples)))
     gen_ppl = generative_perplexity(samples, args.judge, device) if scores is None else None
-    summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4), **scores or {},
-                   n=len(samples), empty=samples.count([]), judge=args.judge,
-                   **(asdict(settings) if settings else {}), s_per_sample=seconds_per_sample,
-                   source=args.samples or args.ckpt)
+    summary = dict(gen_ppl=gen_ppl and round(gen_ppl, 3), entropy=round(entropy, 4),
+                   distinct=len(set().union(*samples)), **scores or {}, n=len(samples),
+                   empty=samples.count([]), judge=args.judge, s_per_sample=seconds_per_sample,
+                   **(asdict(settings) if settings else {}), source=args.samples or args.ckpt)
     print(json.dumps(summary))
     with open(args.results, "a") as f:
         f.write(json.dumps(summary) + "\n")

@@ -17,10 +17,9 @@ import inspect
 import json
 import math
 import os
-import re
 import textwrap
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -95,7 +94,7 @@ CHOICES = dict(model=tuple(MODEL_SIZES), optimizer=("muon", "adamw"), prediction
                compile=("auto", "true", "false"), embedding=("gaussian", "learned", "t5"),
                sampler=("sde", "ode"), sample_schedule=("logit_normal", "uniform"))
 RULES = [
-    ("warmup_iters bench_warmup", lambda v: v >= 0, "an integer >= 0"),
+    ("warmup_iters bench_warmup decode_vocab", lambda v: v >= 0, "an integer >= 0"),
     ("seed embedding_seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)"),
     ("vocab_size", lambda v: v >= 50257, "at least GPT-2's 50257 tokens"),
     ("lr grad_clip latent_std noise_scale t_eps", lambda v: 0 < v < math.inf, "finite and > 0"),
@@ -189,8 +188,8 @@ def usage():
             text.append("#" + comment)
     return "\n".join(line.rstrip() for line in text)
 
-def open_shards(tc, mc, split):
-    """([(path, tokens)], meta): the *_{split}_*.bin shards and meta.json, checked at the start."""
+def open_shards(tc, mc):
+    """(train, val, meta, ids): shards [(path, tokens)], meta.json and the token ids they hold."""
     folder = os.path.join(tc.data_dir, tc.dataset)
     meta_path = os.path.join(folder, "meta.json")
     try:                                            # no meta.json: GPT-2 tokens, not paired
@@ -202,28 +201,32 @@ def open_shards(tc, mc, split):
             raise ValueError("a field missing or not an integer")
     except (OSError, ValueError, AttributeError) as e:
         raise RunError(f"{meta_path}: not prepare_data.py's ({e}); rerun it") from None
-    paired = meta.get("pairs", False)
+    paired, vocab = meta.get("pairs", False), meta.get("vocab_size", 50257)  # the tokenizer's
     if paired and (n := meta["block_size"]) != mc.block_size:
         raise RunError(f"{folder} has pairs of {n} tokens: pass --block_size={n}")
-    shards, vocab = [], meta.get("vocab_size", 50257)  # the tokenizer's: val's ids checked now
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
-        head = np.fromfile(path, dtype="<i4", count=256) if os.path.isfile(path) else []
-        if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
-            raise RunError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
-        if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
-            raise RunError(f"{path}: its size does not match its header; rerun prepare_data.py")
-        top = np.memmap(path, np.uint16, "r", HEADER_BYTES).max(initial=0) if split == "val" else 0
-        if top >= vocab:                            # (val is read only at the first evaluation)
-            raise RunError(f"{path}: token id {top} >= the tokenizer's {vocab}; rerun prepare_data")
-        shards.append((path, int(head[2])))
-    if not shards:
-        raise RunError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
-                       "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
-    if max(n for _, n in shards) < mc.block_size + (not paired or "source_length" in meta):
-        raise RunError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
-    return shards, meta
+    splits, seen = {"train": [], "val": []}, np.zeros(1 << 16, bool)    # seen: the ids they hold
+    for split, shards in splits.items():
+        for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.bin"))):
+            head = np.fromfile(path, dtype="<i4", count=256) if os.path.isfile(path) else []
+            if len(head) < 256 or head[0] != MAGIC or head[1] != VERSION:
+                raise RunError(f"{path}: not a token shard (no llm.c header); run prepare_data.py")
+            if os.path.getsize(path) != HEADER_BYTES + 2 * int(head[2]):
+                raise RunError(f"{path}: its size does not match its header; rerun prepare_data")
+            shards.append((path, n := int(head[2])))
+            tokens = np.memmap(path, np.uint16, "r", HEADER_BYTES)
+            for i in range(0, n, 1 << 24):      # the ids it holds, 16M at a time: flat memory
+                seen[tokens[i:i + (1 << 24)]] = True
+            if seen[vocab:].any():              # damaged data, or another tokenizer's
+                raise RunError(f"{path}: token id {np.flatnonzero(seen)[-1]} >= the tokenizer's "
+                               f"{vocab}; rerun prepare_data.py")
+        if not shards:
+            raise RunError(f"no {split} shards (*_{split}_*.bin) in {folder}: run `python prepare_"
+                           "data.py` (again if it has train.bin) or pass --dataset/--data_dir")
+        if max(n for _, n in shards) < mc.block_size + (not paired or "source_length" in meta):
+            raise RunError(f"{folder}: no {split} shard longer than block_size; lower --block_size")
+    return splits["train"], splits["val"], meta, torch.from_numpy(np.flatnonzero(seen))
 
-def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
+def get_batch(shards, batch, block_size, generator, paired=False):
     """Windows drawn uniformly among all shards' windows: shards in proportion to their sizes."""
     counts = np.array([n // block_size if paired else max(n - block_size, 0) for _, n in shards])
     ends = np.cumsum(counts)
@@ -233,9 +236,6 @@ def get_batch(shards, batch, block_size, generator, vocab_size, paired=False):
     # A fresh memmap per batch keeps memory flat over long runs (memmaps cache the pages they read).
     data = {i: np.memmap(shards[i][0], np.uint16, "r", HEADER_BYTES) for i in set(which)}
     tokens = np.stack([data[i][s:s + block_size] for i, s in zip(which, starts)])
-    if tokens.max() >= vocab_size:                   # damaged data, or another tokenizer's
-        raise RunError(f"{shards[which[tokens.max(1).argmax()]][0]}: token id {tokens.max()} "
-                       f">= vocab_size {vocab_size}; re-run prepare_data.py")
     return torch.from_numpy(tokens.astype(np.int64))
 
 def init_distributed(tc):
@@ -252,13 +252,15 @@ def init_distributed(tc):
 class Trainer:
     """The model, its EMA, the optimizers; `step` runs this process's share of a step's batches."""
 
-    def __init__(self, tc, mc, device, rank=0, world=1, meta=None):
+    def __init__(self, tc, mc, device, rank=0, world=1, meta=None, decode_ids=None):
         if tc.grad_accum % world:
             raise RunError(f"grad_accum {tc.grad_accum} must be a multiple of {world} processes")
+        if not tc.init_from:        # the decode head: the data's ids (open_shards); bench: all
+            mc = replace(mc, decode_vocab=0 if decode_ids is None else len(decode_ids))
         self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
         self.accum, self.micro = tc.grad_accum // world, tc.batch_size // tc.grad_accum  # each
         torch.manual_seed(tc.seed)                              # the same weights on every rank
-        self.model = ELF(mc)
+        self.model = ELF(mc, None if tc.init_from else decode_ids)
         if tc.init_from:                 # fine-tuning (README: The paper's released models)
             self.model.load_state_dict(pretrained(tc.init_from)[0].state_dict())
         self.model.to(device)
@@ -310,7 +312,7 @@ class Trainer:
         host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
         paired, n = self.meta.get("pairs", False), self.meta.get("vocab_size", 50257)
         size = (self.micro, self.mc.block_size + (self.meta.get("source_length") is not None))
-        tokens = (get_batch(shards, *size, host_gen, n, paired) if shards else
+        tokens = (get_batch(shards, *size, host_gen, paired) if shards else
                   torch.randint(0, n, size, generator=host_gen))                # --bench
         tokens = elf.to_device(tokens, self.device)
         tokens, *masks = elf.condition_masks(tokens, self.meta) if paired else (tokens, None, None)
@@ -330,7 +332,8 @@ class Trainer:
             settings = sample.settings_from(asdict(tc))
             tokens = sample.generate(ema, tc.num_eval_samples, ema.cfg.block_size, settings, gen)
         for text in sample.decode_texts(ema, tokens.tolist()):
-            self.log(textwrap.fill(re.sub(r"\s*\n\s*", " / ", text.strip()) or "(blank)", 96,
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            self.log(textwrap.fill(" / ".join(lines) or "(blank)", 96,
                                    initial_indent="  | ", subsequent_indent="  | ", max_lines=3))
 
     def save(self):
@@ -376,8 +379,7 @@ def start(trainer):
         raise RunError(f"no checkpoint file at {ckpt_path}: pass another --out_dir, or train first")
     if tc.resume:
         trainer.load()
-        log(f"resumed from {ckpt_path} at iteration {trainer.iter}; {log_path}: its "
-            f"{len(trainer.rows)} rows")
+        log(f"resumed from {ckpt_path} at iteration {trainer.iter}, {len(trainer.rows)} log rows")
         if trainer.iter >= tc.max_iters:
             raise RunError(f"{ckpt_path} is at iteration {trainer.iter}, not before --max_iters="
                            f"{tc.max_iters}: raise --max_iters to train on")
@@ -409,13 +411,12 @@ def benchmark(trainer):
         trainer.step(None)[0].tolist()          # each step waited for: a negligible host sync
     tok_s = tc.bench_steps * tc.batch_size * mc.block_size / (time.perf_counter() - t0)
     peak = elf.peak_flops(device)
-    if trainer.rank == 0:
-        print(json.dumps(dict(
-            bench="train", model=tc.model, block_size=mc.block_size, batch=tc.batch_size,
-            gpu=torch.cuda.get_device_name(device) if gpu else None, tokens_per_s=round(tok_s),
-            peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if gpu else None,
-            step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
-            mfu=peak and round(tok_s * elf.flops_per_token(mc) / (peak * trainer.world), 4))))
+    trainer.log(json.dumps(dict(                 # (rank 0)
+        bench="train", model=tc.model, block_size=mc.block_size, batch=tc.batch_size,
+        gpu=torch.cuda.get_device_name(device) if gpu else None, tokens_per_s=round(tok_s),
+        peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if gpu else None,
+        step_s=round(tc.batch_size * mc.block_size / tok_s, 4),
+        mfu=peak and round(tok_s * elf.flops_per_token(mc) / (peak * trainer.world), 4))))
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -427,8 +428,8 @@ def main(argv=None):
     try:
         if tc.bench:                            # random tokens: no data, no log, no checkpoint
             return benchmark(Trainer(tc, elf.config_for_data(mc, {}), device, rank, world))
-        (train_shards, meta), (val_shards, _) = (open_shards(tc, mc, s) for s in ("train", "val"))
-        trainer = Trainer(tc, elf.config_for_data(mc, meta), device, rank, world, meta)
+        train_shards, val_shards, meta, ids = open_shards(tc, mc)
+        trainer = Trainer(tc, elf.config_for_data(mc, meta), device, rank, world, meta, ids)
         stop = []                    # Ctrl-C / SIGTERM: the step ends, a checkpoint is saved
         with start(trainer):         # resumed or new; the returned log.jsonl closes at the end
             signals = (signal.SIGINT, signal.SIGTERM)

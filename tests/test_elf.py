@@ -12,6 +12,7 @@ from elf import (
     Draws,
     ELFConfig,
     configure_optimizers,
+    decode_loss,
     draw_training_noise,
     elf_loss,
     sinusoidal,
@@ -42,6 +43,33 @@ def test_shapes():
     assert model.predict_x(hidden, z, t).shape == (B, L, d)
     assert model.decode_logits(hidden).shape == (B, L, 128)
     assert model.embed(torch.randint(0, 128, (B, L))).shape == (B, L, d)
+
+
+def test_a_decode_head_of_the_data_ids_is_the_whole_head_without_the_others():
+    """decode_vocab: the head scores the data's ids only. Its CE is the whole head's with the
+    other ids left out of the softmax; sampling's logits are the whole head's there, else -inf."""
+    ids = torch.tensor([2, 5, 7, 40, 99])
+    whole, part = tiny_model(), tiny_model(decode_vocab=5)
+    with torch.no_grad():
+        for p in whole.parameters():                    # every weight random, biases too
+            p.normal_(std=0.3)
+    state = whole.state_dict()
+    part.load_state_dict({**state, "decode_out.weight": state["decode_out.weight"][ids],
+                          "decode_out.bias": state["decode_out.bias"][ids], "decode_ids": ids})
+    gen = torch.Generator().manual_seed(0)
+    tokens = ids[torch.randint(0, 5, (4, 8), generator=gen)]
+    hidden = torch.randn(4, 8, 32, generator=gen)
+    logits = whole.decode_logits(hidden)[..., ids]      # by hand: the 5 columns, their softmax
+    rows = (tokens[..., None] == ids).float().argmax(-1)
+    hand = -logits.log_softmax(-1).gather(-1, rows[..., None]).sum()
+    ones = torch.ones(4, 8)
+    assert torch.allclose(decode_loss(part, hidden, tokens, ones, 4), hand, rtol=1e-5)
+    z, w = torch.randn(3, 8, 16, generator=gen), torch.full((3,), 2.0)
+    sampled, reference = part.decode(z, w), whole.decode(z, w)
+    assert sampled.shape == (3, 8, 128)
+    assert torch.allclose(sampled[..., ids], reference[..., ids], atol=1e-5)
+    others = torch.ones(128, dtype=torch.bool).index_fill_(0, ids, False)
+    assert torch.isneginf(sampled[..., others]).all()
 
 
 def test_x_head_is_zero_initialised():
@@ -95,6 +123,7 @@ class LinearToyModel(torch.nn.Module):
         super().__init__()
         self.cfg, self.table, self.a = cfg, table, a
         self.embed = lambda tokens, *conditions: table[tokens]
+        self.decode_ids = torch.arange(len(table))  # the head scores every id
 
     def forward(self, z, t, w, x_sc, decode):
         return z + x_sc

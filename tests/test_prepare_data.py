@@ -248,14 +248,14 @@ def test_train_py_samples_all_shards_of_a_speedrun_folder_in_proportion(tmp_path
     write_shard(folder / "fineweb_train_000002.bin", 40000 + np.arange(1000))
     tc, mc = train.parse_args(["--preset=elf-b-owt", "--dataset=fineweb10B",
                                f"--data_dir={tmp_path}", "--block_size=16"])
-    shards, paired = train.open_shards(tc, mc, "train")
+    shards, val, paired, _ = train.open_shards(tc, mc)
     assert [n for _, n in shards] == [3000, 1000] and not paired
-    assert [n for _, n in train.open_shards(tc, mc, "val")[0]] == [500]
-    rows = train.get_batch(shards, 4000, 16, torch.Generator().manual_seed(0), 50257)
+    assert [n for _, n in val] == [500]
+    rows = train.get_batch(shards, 4000, 16, torch.Generator().manual_seed(0))
     assert (rows.diff(dim=1) == 1).all()                     # whole windows, never across shards
     share = (rows[:, 0] >= 40000).float().mean().item()      # windows from the second shard
     assert abs(share - 984 / (2984 + 984)) < 0.03
-    again = train.get_batch(shards, 4000, 16, torch.Generator().manual_seed(0), 50257)
+    again = train.get_batch(shards, 4000, 16, torch.Generator().manual_seed(0))
     assert torch.equal(rows, again)                          # deterministic from the generator
 
 

@@ -12,7 +12,6 @@ from helpers import write_shard
 from sample import SamplerConfig, settings_from
 from test_train_sample import TEXT_IDS, run_train
 
-EOT = 50256  # GPT-2's end-of-text
 
 TRAINED = dict(sample_steps=7, sampler="ode", sample_gamma=0.5, sample_scale=1.0,
                sample_schedule="uniform", lr=1e-3)
@@ -29,8 +28,8 @@ def test_given_settings_win_and_the_checkpoint_fills_the_rest():
 
 def test_sample_py_uses_the_checkpoint_settings_unless_flags_override(tmp_path, monkeypatch):
     (tmp_path / "data" / "one").mkdir(parents=True)
-    for shard in ("one_train_000001.bin", "one_val_000000.bin"):
-        write_shard(tmp_path / "data" / "one" / shard, TEXT_IDS + [EOT])
+    for shard in ("one_train_000001.bin", "one_val_000000.bin"):   # no end-of-text: the samples
+        write_shard(tmp_path / "data" / "one" / shard, TEXT_IDS * 2)  # of the head never end early
     data_dir, out = str(tmp_path / "data"), tmp_path / "out"
     run_train(data_dir, out, "--max_iters=1", "--eval_interval=1", "--sampler=ode",
               "--sample_schedule=uniform", "--sample_gamma=0.7")

@@ -52,8 +52,8 @@ def test_data_files_are_checked_before_the_first_step(data, tmp_path):
         run(data, tmp_path / "o")
     (data / "d_train_000002.bin").rmdir()
     (data / "meta.json").write_text(json.dumps({"vocab_size": 900, "tokenizer": "gpt2"}))
-    with pytest.raises(train.RunError, match=r"d_val_000000.bin: token id 9\d\d >= the tokenizer's "
-                                             "900"):              # val: checked now, not at eval
+    with pytest.raises(train.RunError, match=r"d_train_000001.bin: token id 9\d\d >= the "
+                                             "tokenizer's 900"):  # all shards: checked now
         run(data, tmp_path / "o")
     assert not (tmp_path / "o" / "ckpt.pt").exists()
     (data / "meta.json").write_text(json.dumps({"tokenizer": "no/such-tokenizer"}))
@@ -103,7 +103,7 @@ def test_checkpoints_are_checked_first_and_a_full_disk_keeps_the_last_one(data, 
 def test_token_ids_beyond_the_tokenizers_vocabulary_are_refused(data, tmp_path):
     (data / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
     write_shard(data / "d_train_000001.bin", [50260] * 500)           # below the padded 50304
-    with pytest.raises(train.RunError, match="token id 50260 >= vocab_size 50257"):
+    with pytest.raises(train.RunError, match="token id 50260 >= the tokenizer's 50257"):
         run(data, tmp_path / "o")
 
 

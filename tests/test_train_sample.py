@@ -46,7 +46,10 @@ def run_train(data_dir, out_dir, *extra):
 def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_path, capsys,
                                                                monkeypatch):
     out = str(tmp_path / "out")
-    run_train(data_dir, out, "--max_iters=200", "--eval_interval=200")
+    ckpt = run_train(data_dir, out, "--max_iters=200", "--eval_interval=200")
+    ids = sorted(set(TEXT_IDS + [50256]))           # the decode head scores the data's ids only
+    assert ckpt["model_config"]["decode_vocab"] == len(ids)
+    assert ckpt["model"]["decode_ids"].tolist() == ids
     log = capsys.readouterr().out
     losses = [float(line.split("loss ")[1].split()[0])
               for line in log.splitlines() if " loss " in line]
@@ -61,6 +64,7 @@ def test_tiny_model_memorises_text_and_sample_py_reproduces_it(data_dir, tmp_pat
     summary = json.loads(open(os.path.join(out, "results.jsonl")).read().splitlines()[-1])
     assert summary["entropy"] == pytest.approx(sample.unigram_entropy(TEXT_IDS), abs=1e-4)
     assert summary["n"] == 3 and summary["steps"] == 4 and summary["s_per_sample"] > 0
+    assert summary["distinct"] == len(set(TEXT_IDS))    # distinct tokens over all the samples
     # README's pictures: the loss curve from the log, the trajectory from noise to the text.
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert any("val" in r for r in rows)
@@ -259,7 +263,7 @@ def test_bad_shards_are_clear_errors(tmp_path):
     with pytest.raises(train.RunError, match=f"{train_shard}: its size does not match"):
         train.main(base)
     write_shard(train_shard, [60000] * 200)                           # ids beyond the vocabulary
-    with pytest.raises(train.RunError, match="token id 60000 >= vocab_size"):
+    with pytest.raises(train.RunError, match="token id 60000 >= the tokenizer's"):
         train.main(base)
 
 
