@@ -45,9 +45,9 @@ class TrainConfig:
     optimizer: str = "muon"
     lr: float = 2e-3
     lr_schedule: str = "constant"     # 'constant' (the paper's) or 'cosine' (decays to min_lr)
-    min_lr: float = 2e-4
+    min_lr: float = 1e-4
     warmup_iters: int = 50
-    max_iters: int = 1000
+    max_iters: int = 2000
     grad_clip: float = 1.0
     ema_decay: float = 0.995          # the paper uses 0.9999 on runs of ~95K steps
     # logging, evaluation, checkpoints
@@ -73,7 +73,7 @@ class TrainConfig:
 PRESETS = {
     # The quick start: choices measured better at this size (README: A. The quick start's recipe)
     "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0, t_mean=-1.9,
-                lr_schedule="cosine", min_lr=1e-4, sampler="ode", sample_schedule="uniform"),
+                lr_schedule="cosine", sampler="ode", sample_schedule="uniform", sample_steps=128),
     # The paper's ELF-B on OpenWebText: ~5 epochs of 512 x 1024 tokens (README: On a GPU)
     "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512,
                       grad_accum=8, lr=2e-3, warmup_iters=9500, max_iters=95000,

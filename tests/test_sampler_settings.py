@@ -12,7 +12,6 @@ from helpers import write_shard
 from sample import SamplerConfig, settings_from
 from test_train_sample import TEXT_IDS, run_train
 
-
 TRAINED = dict(sample_steps=7, sampler="ode", sample_gamma=0.5, sample_scale=1.0,
                sample_schedule="uniform", lr=1e-3)
 
