@@ -7,12 +7,14 @@ math, cost model, optimizer. The sampler's steps and loop, and judging, live in 
 import functools
 import math
 import sys
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+warnings.filterwarnings("ignore", "Mismatch dtype between input and")  # bf16 autocast's RMSNorm
 
 @dataclass
 class ELFConfig:
@@ -239,7 +241,7 @@ class ELF(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        mlps = [*self.time_mlp, *self.scale_mlp]
+        mlps = (*self.time_mlp, *self.scale_mlp)
         mlp_weights = [m.weight for m in mlps if isinstance(m, nn.Linear)]
         for p in [self.mode_tokens, self.time_tokens, self.scale_tokens, *mlp_weights]:
             nn.init.normal_(p, std=0.02)
@@ -256,8 +258,7 @@ class ELF(nn.Module):
         time = self.time_tokens[None] + self.time_mlp(sinusoidal(t))[:, None]
         scale = self.scale_tokens[None] + self.scale_mlp(sinusoidal(w))[:, None]
         h = torch.cat([mode.to(h.dtype), time.to(h.dtype), scale.to(h.dtype), h], dim=1)
-        head_dim = self.cfg.n_embd // self.cfg.n_head
-        cos, sin = rope_tables(self.n_prefix, L, head_dim, device=z.device)
+        cos, sin = rope_tables(self.n_prefix, L, h.size(-1) // self.cfg.n_head, device=h.device)
         for block in self.blocks:
             h = block(h, cos, sin)
         return h[:, self.n_prefix:]
@@ -317,9 +318,8 @@ def sample_guidance_scale(n, cfg, generator=None, device=None):
     return torch.exp(lo + (hi - lo) * torch.rand(n, generator=generator, device=device)) - 1
 
 def draw_condition(cfg, batch, length, generator=None):
-    """Condition positions (B, L) bool, per example (README: Conditions): none, a clean prefix of
-    random length (prompting) or one to three clean spans at random places (infilling). A position
-    is a condition when an odd number of the example's cut points lie at or before it."""
+    """Condition positions (B, L) bool (README: Conditions): none, a clean prefix (prompting) or 1-3
+    clean spans (infilling): positions with an odd number of cut points at or before them."""
     kind = torch.rand(batch, generator=generator)
     prefix = kind < cfg.cond_prefix_prob
     conditioned = kind < cfg.cond_prefix_prob + cfg.cond_span_prob

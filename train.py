@@ -44,10 +44,11 @@ class TrainConfig:
     # optimisation (README: Training objective): Muon + AdamW, warm-up, constant or cosine rate
     optimizer: str = "muon"
     lr: float = 2e-3
+    muon_lr: float = 0.0              # Muon's peak rate (blocks' matrices), same schedule; 0: lr
     lr_schedule: str = "constant"     # 'constant' (the paper's) or 'cosine' (decays to min_lr)
     min_lr: float = 1e-4
     warmup_iters: int = 50
-    max_iters: int = 2000
+    max_iters: int = 2400
     grad_clip: float = 1.0
     ema_decay: float = 0.995          # the paper uses 0.9999 on runs of ~95K steps
     # logging, evaluation, checkpoints
@@ -58,7 +59,7 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     device: str = "auto"              # 'auto' picks cuda, then mps, then cpu
-    dtype: str = "auto"               # 'auto' is bf16 autocast on CUDA, fp32 elsewhere
+    dtype: str = "auto"               # 'auto': bf16 autocast on CUDA and CPUs with bf16 units
     compile: str = "auto"             # 'auto' compiles on CUDA only
     bench: bool = False               # time steps on random tokens: one JSON line, no checkpoint
     bench_warmup: int = 5
@@ -73,7 +74,8 @@ class TrainConfig:
 PRESETS = {
     # The quick start: choices measured better at this size (README: A. The quick start's recipe)
     "cpu": dict(cond_prefix_prob=0.25, cond_span_prob=0.25, self_cond_prob=0.0, t_mean=-1.9,
-                lr_schedule="cosine", sampler="ode", sample_schedule="uniform", sample_steps=128),
+                muon_lr=1e-2, lr_schedule="cosine", sampler="ode", sample_schedule="uniform",
+                sample_steps=128),
     # The paper's ELF-B on OpenWebText: ~5 epochs of 512 x 1024 tokens (README: On a GPU)
     "elf-b-owt": dict(dataset="openwebtext", model="elf-b", block_size=1024, batch_size=512,
                       grad_accum=8, lr=2e-3, warmup_iters=9500, max_iters=95000,
@@ -167,9 +169,7 @@ def parse_args(argv):
 
 ARCHITECTURE = ("n_layer n_head n_embd embed_dim bottleneck_dim vocab_size n_mode_tokens "
                 "n_time_tokens n_scale_tokens embedding").split()  # what --init_from's weights fix
-
 pretrained = functools.cache(sample.load_checkpoint)  # --init_from: (model, sampler), read once
-
 QUICK_START = {k: v for c in parse_args([]) for k, v in asdict(c).items()}  # python train.py's
 
 def usage():
@@ -260,14 +260,14 @@ class Trainer:
         self.tc, self.mc, self.device, self.rank, self.world = tc, mc, device, rank, world
         self.accum, self.micro = tc.grad_accum // world, tc.batch_size // tc.grad_accum  # each
         torch.manual_seed(tc.seed)                              # the same weights on every rank
-        self.model = ELF(mc, None if tc.init_from else decode_ids)
+        self.model = ELF(mc, None if tc.init_from else decode_ids).to(device)
         if tc.init_from:                 # fine-tuning (README: The paper's released models)
             self.model.load_state_dict(pretrained(tc.init_from)[0].state_dict())
-        self.model.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizers = elf.configure_optimizers(self.model, tc.optimizer, tc.lr)
-        use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        fast = {"cuda": True, "cpu": torch.cpu._is_avx512_bf16_supported()}.get(device.type, False)
+        bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and fast)   # 'auto': where it is fast
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         compile_ = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
         self.forward_model = torch.compile(self.model) if compile_ else self.model
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
@@ -287,8 +287,6 @@ class Trainer:
     def step(self, shards):
         """One step on shards (None: random tokens): (loss, mse, ce), grad norm; no GPU sync."""
         tc = self.tc
-        for group in [group for opt in self.optimizers for group in opt.param_groups]:
-            group["lr"] = elf.lr_at(self.iter, tc)
         totals = torch.zeros(3, device=self.device)
         for k in range(self.accum):
             index = self.rank * self.accum + k                  # of all the step's micro-batches
@@ -299,7 +297,10 @@ class Trainer:
             for tensor in [totals] + [p.grad for p in self.params if p.grad is not None]:
                 dist.all_reduce(tensor)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
-        for opt in self.optimizers:
+        for opt in self.optimizers:     # Muon's rate: the schedule of lr, scaled to muon_lr
+            peak = (tc.muon_lr or tc.lr) if isinstance(opt, torch.optim.Muon) else tc.lr
+            for group in opt.param_groups:
+                group["lr"] = elf.lr_at(self.iter, tc) * peak / tc.lr
             opt.step()
             opt.zero_grad(set_to_none=False)
         decay = min(tc.ema_decay, (1 + self.iter) / (10 + self.iter))  # warm-up: forget the init
@@ -312,9 +313,8 @@ class Trainer:
         host_gen, gen = elf.micro_batch_generators(seed, it, index, self.device)
         paired, n = self.meta.get("pairs", False), self.meta.get("vocab_size", 50257)
         size = (self.micro, self.mc.block_size + (self.meta.get("source_length") is not None))
-        tokens = (get_batch(shards, *size, host_gen, paired) if shards else
-                  torch.randint(0, n, size, generator=host_gen))                # --bench
-        tokens = elf.to_device(tokens, self.device)
+        tokens = elf.to_device(get_batch(shards, *size, host_gen, paired) if shards else
+                               torch.randint(0, n, size, generator=host_gen), self.device)  # bench
         tokens, *masks = elf.condition_masks(tokens, self.meta) if paired else (tokens, None, None)
         draws = elf.draw_training_noise(self.mc, *tokens.shape, host_gen, gen, self.device, *masks)
         with self.autocast:

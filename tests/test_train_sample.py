@@ -21,9 +21,10 @@ TEXT_IDS = [2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808, 13, 198]
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--embed_dim=32", "--bottleneck_dim=32",
         "--block_size=14", "--batch_size=16", "--warmup_iters=20", "--eval_iters=1",
         "--sample_steps=4", "--num_eval_samples=1", "--log_interval=50",
+        "--dtype=float32",      # the same numbers on every CPU ('auto': bf16 where it is fast)
         # the paper's recipe, not the cpu preset's (no self-conditioning, cosine decay, t_mean,
-        # prompts and blanks)
-        "--self_cond_prob=0.5", "--lr_schedule=constant", "--t_mean=-1.5",
+        # prompts and blanks, Muon's own rate)
+        "--self_cond_prob=0.5", "--lr_schedule=constant", "--t_mean=-1.5", "--muon_lr=0",
         "--cond_prefix_prob=0", "--cond_span_prob=0"]
 
 
@@ -101,6 +102,35 @@ def test_learning_rate_schedules():
     assert elf.lr_at(9, tc) == 1.0 and elf.lr_at(100, tc) == 1.0
     tc.lr_schedule = "cosine"
     assert elf.lr_at(60, tc) == pytest.approx(0.55) and elf.lr_at(110, tc) == pytest.approx(0.1)
+
+
+def test_muon_lr_scales_the_schedule_for_the_blocks_matrices():
+    tc, mc = train.parse_args(flags(*TINY, "--lr=0.002", "--muon_lr=0.01", "--warmup_iters=0",
+                                    "--lr_schedule=cosine", "--max_iters=4"))
+    trainer = train.Trainer(tc, mc, torch.device("cpu"))
+    muon, adam = trainer.optimizers
+    for it in range(3):
+        trainer.step(None)                                  # random tokens
+        assert adam.param_groups[0]["lr"] == pytest.approx(elf.lr_at(it, tc))
+        assert muon.param_groups[0]["lr"] == pytest.approx(5 * elf.lr_at(it, tc))
+    assert isinstance(muon, torch.optim.Muon) and elf.lr_at(2, tc) < elf.lr_at(0, tc)
+    tc, mc = train.parse_args(flags(*TINY, "--lr=0.002", "--max_iters=4"))
+    trainer = train.Trainer(tc, mc, torch.device("cpu"))
+    trainer.step(None)                                      # muon_lr 0: lr's
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(elf.lr_at(0, tc))
+    assert train.QUICK_START["muon_lr"] > train.QUICK_START["lr"]    # the cpu preset's
+
+
+@pytest.mark.parametrize("cpu_bf16, dtype, bf16", [(True, "auto", True), (False, "auto", False),
+                                                   (True, "float32", False),
+                                                   (False, "bfloat16", True)])
+def test_dtype_auto_is_bf16_on_cpus_with_bf16_units(monkeypatch, cpu_bf16, dtype, bf16):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    tc, mc = train.parse_args(flags(*TINY, f"--dtype={dtype}"))
+    trainer = train.Trainer(tc, mc, torch.device("cpu"))
+    with trainer.autocast:
+        out = trainer.model.in_proj(torch.zeros(1, 2 * mc.embed_dim))
+    assert (out.dtype == torch.bfloat16) == bf16
 
 
 def test_config_overrides_and_presets():
