@@ -96,6 +96,21 @@ def test_resume_continues_exactly(data_dir, tmp_path):
                 assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k]))
 
 
+def test_sampling_noise_is_not_the_gaussian_tables_stream(data_dir, tmp_path, monkeypatch):
+    # The table is randn from embedding_seed; on the CPU, a sampler seeded alike would start sample
+    # i at the embeddings of ids 64i, 64i + 1, ... (runs like "ABCD" where the model is unsure).
+    ckpt = run_train(data_dir, tmp_path / "out", "--max_iters=1", "--eval_interval=1")
+    generators = []
+    monkeypatch.setattr(sample, "generate_all", lambda *args: generators.append(args[6]) or [[]])
+    sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--num_samples=1",
+                 f"--out={tmp_path / 's.jsonl'}", "--seed=0"])
+    table = elf.TokenEmbedding(elf.ELFConfig(**ckpt["model_config"])).table
+    first = torch.randn(table.shape[1], generator=generators[0])
+    assert ckpt["model_config"]["embedding_seed"] == 0 and not torch.allclose(first, table[0])
+    assert torch.equal(torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0)),
+                       table[0])                    # what the seed alone would have drawn
+
+
 def test_learning_rate_schedules():
     tc = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert elf.lr_at(0, tc) == pytest.approx(0.1)
@@ -299,11 +314,11 @@ def test_bad_shards_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--num_samples=-2", "--steps=0", "--length=0",
                                  "--bench_batches=0", "--cfg_scale=nan", "--gamma=-1",
-                                 "--scale=inf", "--seed=-1", "--seed=99999999999999999999999",
+                                 "--scale=inf", "--seed=-1", "--seed=2147483648",
                                  "--batch_size=100000000", "--num_samples=1e9"])
 def test_sample_arguments_out_of_range_are_one_line_errors(bad, capsys):
     """Checked before anything is loaded: counts from 1 to a bound, scales finite and non-negative,
-    seeds within 64 bits; a flag given twice is refused."""
+    seeds below 2**31 (as train.py's); a flag given twice is refused."""
     flag = bad.split("=")[0]
     expected = rf"^error: argument {flag}: (must be >= \S+ and < \S+|invalid int value).*\)$"
     with pytest.raises(SystemExit, match=expected):
