@@ -241,7 +241,7 @@ class ELF(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        mlps = (*self.time_mlp, *self.scale_mlp)
+        mlps = [*self.time_mlp, *self.scale_mlp]
         mlp_weights = [m.weight for m in mlps if isinstance(m, nn.Linear)]
         for p in [self.mode_tokens, self.time_tokens, self.scale_tokens, *mlp_weights]:
             nn.init.normal_(p, std=0.02)
