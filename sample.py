@@ -1,5 +1,4 @@
-"""Sample from a trained ELF model: the flow from noise to embeddings, then the decode-mode pass
-and an argmax (README: Sampling); fixed text (prompt, blanks, source) is held (README: Conditions).
+"""Sample from a trained ELF: a flow, a decode pass, an argmax; fixed text held (README: Sampling).
     python sample.py                                  # 4 samples from out/ckpt.pt (EMA weights)
     python sample.py --prompt "ROMEO:" --cfg_scale=2  # continue a prompt (or --prompt_file=FILE)
     python sample.py --infill "KING: [BLANK:12] my lord." --eval   # fill blanks; judge samples"""
@@ -19,6 +18,7 @@ import elf
 from elf import ELF, MODEL_SIZES, ELFConfig
 from prepare_data import get_tokenizer, jsonl_rows
 
+SEED_OFFSET = 2**31     # noise generators start past embedding seeds (< 2**31): README: Sampling
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -303,7 +303,7 @@ def parse_args(argv):
     p.add_argument("--scale", type=number(float, 0, math.inf), help="guidance w (paper: 3)")
     p.add_argument("--schedule", choices=["logit_normal", "uniform"], help="paper: logit_normal")
     p.add_argument("--cfg_scale", type=number(float, 0, math.inf), help="CFG, default 1: off")
-    p.add_argument("--seed", type=number(int, 0, 2**31), default=0)
+    p.add_argument("--seed", type=number(int, 0, SEED_OFFSET), default=0)
     p.add_argument("--out", help="JSON lines output (default: next to the checkpoint)")
     p.add_argument("--device", default="auto", help="'auto' picks cuda, then mps, then cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
@@ -345,7 +345,7 @@ def main(argv=None):
     tok = get_tokenizer(model.cfg.tokenizer)
     rows = templates(args, pairs, length, tok, train_config.get("source_length")) if fixed else None
     n = len(rows) if pairs else args.num_samples
-    gen = torch.Generator(device=device).manual_seed(2**31 + args.seed)  # README: Sampling
+    gen = torch.Generator(device=device).manual_seed(SEED_OFFSET + args.seed)
     passes = compiled_passes(model, args.compile, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast, torch.no_grad():

@@ -327,7 +327,7 @@ class Trainer:
         val = torch.stack([self.micro_batch_loss(ema, shards, 0, 0, i)[0]
                            for i in range(tc.eval_iters)]).mean().item()  # one host sync
         self.log(f"iter {self.iter}: val {val:.4f}", dict(iter=self.iter, val=val))
-        gen = torch.Generator(device=self.device).manual_seed(2**31 + tc.seed)  # as sample.py
+        gen = torch.Generator(device=self.device).manual_seed(sample.SEED_OFFSET + tc.seed)
         with self.autocast:
             settings = sample.settings_from(asdict(tc))
             tokens = sample.generate(ema, tc.num_eval_samples, ema.cfg.block_size, settings, gen)

@@ -44,7 +44,7 @@ def loss_curve(log_path, png_path):
 def trajectory(model, settings, seed, out_dir, length=None, n_samples=2, n_rows=8, n_paths=6):
     """What the flow does: x_hat decoded at a few steps, and z_t's paths in a 2-D PCA. Returns the
     printed lines, "sample k, t = ... | text"."""
-    gen = torch.Generator().manual_seed(2**31 + seed)    # as sample.py (README: Sampling)
+    gen = torch.Generator().manual_seed(sample.SEED_OFFSET + seed)
     states = []                                      # (t, z, x_hat) after each step
     tokens = sample.generate(model, n_samples, length or model.cfg.block_size, settings, gen,
                              on_step=lambda *s: states.append(s))
